@@ -1,0 +1,30 @@
+"""LoRA operators with backend dispatch.
+
+`sgmv_shrink` / `sgmv_expand` pick the CUDA extension (built from csrc/) for CUDA tensors when
+it is available, and the torch reference otherwise. See torch_ref.py for the layouts.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import torch_ref
+from .backend import cuda_ops
+
+
+def sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer: int):
+    """v[rows, :r] = x[rows] @ a[slot, layer, :r].T per segment (see torch_ref)."""
+    ops = cuda_ops() if x.is_cuda else None
+    if ops is not None:
+        return ops.sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer)
+    return torch_ref.sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer)
+
+
+def sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer: int, col_offset: int = 0):
+    """y[rows, off:off+out] += v[rows, :r] @ b[slot, layer, :r] per segment (see torch_ref)."""
+    ops = cuda_ops() if y.is_cuda else None
+    if ops is not None:
+        return ops.sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, col_offset)
+    return torch_ref.sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, col_offset)
+
+
+__all__ = ["sgmv_shrink", "sgmv_expand", "torch_ref", "cuda_ops"]
