@@ -1,0 +1,333 @@
+"""Reads PEFT LoRA adapters (a folder, a .zip, or uploaded files), validates them against the
+base model, and folds the scaling into B. What cannot be served is refused with an
+AdapterError naming the file and the cause. Pickled weights are never unpickled.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterError
+from ..model.config import PROJECTIONS, ModelConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ZIP_MEMBERS = 64
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (adapter name optional)
+KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\."
+                    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\."
+                    r"lora_(A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+@dataclass
+class LoraAdapter:
+    """A validated adapter on the host, scaling folded into B.
+
+    weights[proj] = (a [layers, r, in], b [layers, r, out]) in float32; layers the adapter does
+    not touch are zero.
+    """
+    name: str
+    source: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    targets: tuple[str, ...]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    nbytes: int = 0                 # bytes of real (unpadded) weights, as stored in the file
+    base_model: str | None = None
+
+    def rank_of(self, proj: str) -> int:
+        return self.weights[proj][0].shape[1] if proj in self.weights else 0
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise AdapterError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' "
+                           "or '-', starting with a letter or digit")
+    return name
+
+
+# ---- reading the two files from a folder, a zip, or memory ---------------------------------
+
+def _read_folder(folder: Path, max_bytes: int) -> tuple[bytes, bytes]:
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise AdapterError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
+    if not w_path.is_file():
+        pickled = [n for n in PICKLED_NAMES if (folder / n).exists()]
+        if pickled:
+            raise AdapterError(f"{folder / pickled[0]}: pickled weights are never loaded; "
+                               f"save the adapter with safetensors ({WEIGHTS_NAME})")
+        raise AdapterError(f"{folder}: no {WEIGHTS_NAME}")
+    for p in (cfg_path, w_path):
+        if p.is_symlink():
+            raise AdapterError(f"{p}: symbolic links are not followed")
+    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{cfg_path}: config larger than {MAX_CONFIG_BYTES} bytes")
+    if w_path.stat().st_size > max_bytes:
+        raise AdapterError(f"{w_path}: {w_path.stat().st_size} bytes, over the "
+                           f"{max_bytes}-byte limit")
+    return cfg_path.read_bytes(), w_path.read_bytes()
+
+
+def _read_zip(data: bytes | Path, label: str, max_bytes: int) -> tuple[bytes, bytes]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise AdapterError(f"{label}: not a valid .zip archive ({e})") from None
+    with zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        if len(infos) > MAX_ZIP_MEMBERS:
+            raise AdapterError(f"{label}: {len(infos)} files in the archive, more than "
+                               f"{MAX_ZIP_MEMBERS}")
+        by_base: dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            name = info.filename
+            if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+                raise AdapterError(f"{label}: unsafe path {name!r} in archive")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise AdapterError(f"{label}: symbolic link {name!r} in archive")
+            base = Path(name).name
+            if base.endswith(".zip"):
+                raise AdapterError(f"{label}: nested archive {name!r} is not accepted")
+            if base in (CONFIG_NAME, WEIGHTS_NAME) + PICKLED_NAMES:
+                if len(Path(name).parts) > 2:
+                    raise AdapterError(f"{label}: {name!r} is nested too deep; put the adapter "
+                                       "files at the top of the archive or in one folder")
+                if base in by_base:
+                    raise AdapterError(f"{label}: two copies of {base} in archive")
+                by_base[base] = info
+        if CONFIG_NAME not in by_base:
+            raise AdapterError(f"{label}: no {CONFIG_NAME} in archive (not a PEFT adapter)")
+        if WEIGHTS_NAME not in by_base:
+            if any(n in by_base for n in PICKLED_NAMES):
+                raise AdapterError(f"{label}: pickled weights are never loaded; save the "
+                                   f"adapter with safetensors ({WEIGHTS_NAME})")
+            raise AdapterError(f"{label}: no {WEIGHTS_NAME} in archive")
+        limits = {CONFIG_NAME: MAX_CONFIG_BYTES, WEIGHTS_NAME: max_bytes}
+        out = {}
+        for base, limit in limits.items():
+            info = by_base[base]
+            if info.file_size > limit:
+                raise AdapterError(f"{label}: {base} is {info.file_size} bytes, over the "
+                                   f"{limit}-byte limit")
+            with zf.open(info) as f:
+                blob = f.read(limit + 1)     # never trust the declared size alone
+            if len(blob) > limit:
+                raise AdapterError(f"{label}: {base} expands past the {limit}-byte limit")
+            out[base] = blob
+        return out[CONFIG_NAME], out[WEIGHTS_NAME]
+
+
+def read_adapter_files(source, max_bytes: int) -> tuple[bytes, bytes, str]:
+    """source: a folder, a .zip path, or a dict {filename: bytes} of uploaded files."""
+    if isinstance(source, dict):
+        label = "upload"
+        if any(n.endswith(".zip") for n in source):
+            zname = next(n for n in source if n.endswith(".zip"))
+            return (*_read_zip(source[zname], zname, max_bytes), zname)
+        names = {Path(n).name: n for n in source}
+        if WEIGHTS_NAME not in names and any(n in names for n in PICKLED_NAMES):
+            raise AdapterError(f"{label}: pickled weights are never loaded; upload "
+                               f"{WEIGHTS_NAME}")
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in names]
+        if missing:
+            raise AdapterError(f"{label}: missing {', '.join(missing)} (upload a .zip of a "
+                               f"PEFT folder, or {CONFIG_NAME} + {WEIGHTS_NAME})")
+        cfg, w = source[names[CONFIG_NAME]], source[names[WEIGHTS_NAME]]
+        if len(w) > max_bytes:
+            raise AdapterError(f"{label}: weights are {len(w)} bytes, over the "
+                               f"{max_bytes}-byte limit")
+        if len(cfg) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{label}: config larger than {MAX_CONFIG_BYTES} bytes")
+        return cfg, w, label
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return (*_read_folder(path, max_bytes), str(path))
+    if path.is_file():
+        if path.suffix == ".zip" or zipfile.is_zipfile(path):
+            if path.stat().st_size > max_bytes + MAX_CONFIG_BYTES:
+                raise AdapterError(f"{path}: archive of {path.stat().st_size} bytes, over the "
+                                   "size limit")
+            return (*_read_zip(path, str(path), max_bytes), str(path))
+        if path.name in PICKLED_NAMES:
+            raise AdapterError(f"{path}: pickled weights are never loaded")
+        raise AdapterError(f"{path}: not a PEFT adapter (expected a folder or a .zip)")
+    raise AdapterError(f"{path}: no such adapter folder or file")
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def _parse_config(raw: bytes, label: str) -> dict:
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{label}/{CONFIG_NAME}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{label}/{CONFIG_NAME}: expected a JSON object")
+    return cfg
+
+
+def _check_config(cfg: dict, label: str) -> None:
+    where = f"{label}/{CONFIG_NAME}"
+    ptype = str(cfg.get("peft_type", "LORA")).upper()
+    if ptype != "LORA":
+        raise AdapterError(f"{where}: peft_type {ptype} is not LoRA")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"{where}: DoRA adapters (use_dora=true) are not supported")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported "
+                           "(the adapter replaces whole modules, which cannot be batched)")
+    if cfg.get("bias", "none") not in ("none", None) or cfg.get("lora_bias"):
+        raise AdapterError(f"{where}: LoRA bias terms are not supported (bias must be 'none')")
+    targets = cfg.get("target_modules") or []
+    names = [targets] if isinstance(targets, str) else list(targets)
+    for t in names:
+        base = str(t).split(".")[-1]
+        if base in ("embed_tokens", "lm_head", "wte", "embeddings"):
+            raise AdapterError(f"{where}: LoRA on {base} (embeddings / lm_head) is not supported")
+        if isinstance(targets, list) and base not in PROJECTIONS and base != "all-linear":
+            raise AdapterError(f"{where}: unknown target module {t!r}; supported: "
+                               f"{', '.join(PROJECTIONS)}")
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key, 8)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                or v <= 0:
+            raise AdapterError(f"{where}: {key} must be a positive number, got {v!r}")
+
+
+def _check_header(blob: bytes, label: str, max_tensor_elems: int) -> dict:
+    """Reads the safetensors header ourselves first, so lying or huge headers fail cleanly."""
+    where = f"{label}/{WEIGHTS_NAME}"
+    if len(blob) < 8:
+        raise AdapterError(f"{where}: truncated (no safetensors header)")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > min(len(blob) - 8, 16 << 20):
+        raise AdapterError(f"{where}: header length {n} exceeds the file")
+    try:
+        header = json.loads(blob[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(f"{where}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{where}: corrupt safetensors header")
+    data_len = len(blob) - 8 - n
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(meta, dict) or meta.get("dtype") not in _ST_DTYPES:
+            raise AdapterError(f"{where}: tensor {key!r} has unsupported dtype "
+                               f"{meta.get('dtype') if isinstance(meta, dict) else meta!r}")
+        shape, offs = meta.get("shape"), meta.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+                and isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) for o in offs)):
+            raise AdapterError(f"{where}: tensor {key!r} has a malformed entry")
+        elems = math.prod(shape)
+        if elems > max_tensor_elems:
+            raise AdapterError(f"{where}: tensor {key!r} declares shape {shape}, too large")
+        if not 0 <= offs[0] <= offs[1] <= data_len or \
+                offs[1] - offs[0] != elems * _ST_DTYPES[meta["dtype"]]:
+            raise AdapterError(f"{where}: tensor {key!r} data does not match its header "
+                               "(truncated or corrupt file)")
+    return header
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, val in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return val
+    return default
+
+
+def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
+                  max_bytes: int = 512 << 20) -> LoraAdapter:
+    """Reads and validates an adapter; raises AdapterError naming the cause."""
+    from safetensors.torch import load as st_load
+
+    validate_name(name)
+    raw_cfg, blob, label = read_adapter_files(source, max_bytes)
+    cfg = _parse_config(raw_cfg, label)
+    _check_config(cfg, label)
+    where = f"{label}/{WEIGHTS_NAME}"
+    biggest = max(i * o for i, o in model_cfg.proj_shapes.values())
+    header = _check_header(blob, label, max_tensor_elems=biggest)
+    keys = [k for k in header if k != "__metadata__"]
+    if not keys:
+        raise AdapterError(f"{where}: no tensors")
+    for k in keys:
+        if "lora_embedding" in k or "embed_tokens" in k or "lm_head" in k:
+            raise AdapterError(f"{where}: {k!r}: LoRA on embeddings / lm_head is not supported")
+        if "magnitude" in k:
+            raise AdapterError(f"{where}: {k!r}: DoRA weights are not supported")
+        if not KEY_RE.match(k):
+            raise AdapterError(f"{where}: unexpected tensor {k!r} (only lora_A / lora_B of "
+                               f"{', '.join(PROJECTIONS)} can be served)")
+    try:
+        tensors = st_load(blob)
+    except Exception as e:  # safetensors raises its own error types
+        raise AdapterError(f"{where}: unreadable safetensors ({e})") from None
+
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        layer, proj, ab = KEY_RE.match(k).groups()
+        layer = int(layer)
+        if layer >= model_cfg.num_layers:
+            raise AdapterError(f"{where}: {k!r}: layer {layer} but the base model has "
+                               f"{model_cfg.num_layers} layers (adapter made for another model?)")
+        pairs.setdefault((layer, proj), {})[ab] = t
+    alpha = float(cfg.get("lora_alpha", 8))
+    default_r = int(cfg.get("r", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    per_proj: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for (layer, proj), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{where}: layer {layer} {proj} has lora_{list(ab)[0]} without "
+                               "its partner")
+        a, b = ab["A"].float(), ab["B"].float()
+        fan_in, fan_out = model_cfg.proj_shapes[proj]
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+            raise AdapterError(
+                f"{where}: layer {layer} {proj}: lora_A {list(a.shape)} / lora_B "
+                f"{list(b.shape)} do not fit the base model, which needs [r, {fan_in}] / "
+                f"[{fan_out}, r] (adapter made for another base model?)")
+        if r < 1 or r > max_rank:
+            raise AdapterError(f"{where}: layer {layer} {proj}: rank {r} is over the server's "
+                               f"max rank {max_rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{where}: layer {layer} {proj}: weights contain NaN or inf")
+        module = f"model.layers.{layer}.{'mlp' if 'gate' in proj or 'up' in proj or 'down' in proj else 'self_attn'}.{proj}"
+        mod_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha))
+        mod_r = int(_pattern_value(cfg.get("rank_pattern"), module, default_r))
+        if mod_r != r:
+            raise AdapterError(f"{where}: layer {layer} {proj}: weights have rank {r} but the "
+                               f"config says r={mod_r}")
+        scale = mod_alpha / (math.sqrt(r) if rslora else r)
+        per_proj.setdefault(proj, []).append((layer, a, b.t() * scale))
+
+    weights = {}
+    for proj, items in per_proj.items():
+        r_max = max(a.shape[0] for _, a, _ in items)
+        fan_in, fan_out = model_cfg.proj_shapes[proj]
+        A = torch.zeros(model_cfg.num_layers, r_max, fan_in)
+        B = torch.zeros(model_cfg.num_layers, r_max, fan_out)
+        for layer, a, bt in items:
+            A[layer, :a.shape[0]] = a
+            B[layer, :a.shape[0]] = bt
+        weights[proj] = (A, B)
+    targets = tuple(p for p in PROJECTIONS if p in weights)
+    return LoraAdapter(name=name, source=label, rank=max(A.shape[1] for A, _ in weights.values()),
+                       alpha=alpha, use_rslora=rslora, targets=targets, weights=weights,
+                       nbytes=len(blob), base_model=cfg.get("base_model_name_or_path"))

@@ -1,0 +1,157 @@
+"""SlotPool: a fixed number of device slots, one adapter per slot for all layers and
+projections, zero-padded to the max rank. Ref-counted while running requests use a slot;
+least recently used unused slots are evicted first. On CUDA, loads copy on a side stream and a
+slot becomes ready when its copy has finished, so the decode loop never waits for it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterInUseError
+from ..model.config import PROJECTIONS, ModelConfig
+from .peft import LoraAdapter
+
+
+@dataclass
+class ProjectionWeights:
+    a: torch.Tensor                 # [slots, layers, max_rank, in]
+    b: torch.Tensor                 # [slots, layers, max_rank, out]
+    ranks: torch.Tensor             # [slots] int32 on the device
+    ranks_list: list[int]           # the same on the host
+
+
+class SlotPool:
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype, device):
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.device = torch.device(device)
+        self.projections = PROJECTIONS
+        self.col_offsets = cfg.col_offsets
+        self.weights: dict[str, ProjectionWeights] = {}
+        for p, (fan_in, fan_out) in cfg.proj_shapes.items():
+            shape = (num_slots, cfg.num_layers, max_rank)
+            self.weights[p] = ProjectionWeights(
+                a=torch.zeros(*shape, fan_in, dtype=dtype, device=self.device),
+                b=torch.zeros(*shape, fan_out, dtype=dtype, device=self.device),
+                ranks=torch.zeros(num_slots, dtype=torch.int32, device=self.device),
+                ranks_list=[0] * num_slots)
+        self._slot_of: dict[str, int] = {}
+        self._name_of: list[str | None] = [None] * num_slots
+        self._refs = [0] * num_slots
+        self._lru: OrderedDict[int, None] = OrderedDict()   # unused resident slots, oldest first
+        self._pending: dict[int, object] = {}               # slot -> CUDA event of its copy
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.evictions = 0
+        self.loads = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.a.numel() * w.a.element_size() + w.b.numel() * w.b.element_size()
+                   for w in self.weights.values())
+
+    def rank_of(self, proj: str, slot: int) -> int:
+        return self.weights[proj].ranks_list[slot]
+
+    def lookup(self, name: str) -> int | None:
+        return self._slot_of.get(name)
+
+    def is_ready(self, slot: int) -> bool:
+        event = self._pending.get(slot)
+        if event is None:
+            return True
+        if event.query():
+            del self._pending[slot]
+            return True
+        return False
+
+    def acquire(self, slot: int) -> None:
+        self._refs[slot] += 1
+        self._lru.pop(slot, None)
+
+    def release(self, slot: int) -> None:
+        self._refs[slot] -= 1
+        assert self._refs[slot] >= 0, "slot released more often than acquired"
+        if self._refs[slot] == 0:
+            self._lru[slot] = None
+
+    def in_use(self, name: str) -> bool:
+        slot = self._slot_of.get(name)
+        return slot is not None and self._refs[slot] > 0
+
+    def load(self, adapter: LoraAdapter) -> int | None:
+        """Puts the adapter in a free (or least recently used, unused) slot. None if every slot
+        is held by running requests."""
+        slot = self._free_slot()
+        if slot is None:
+            return None
+        self._name_of[slot] = adapter.name
+        self._slot_of[adapter.name] = slot
+        self._lru[slot] = None
+        if self._stream is not None:
+            # wait for the compute stream's last use of this slot before overwriting it
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                self._copy(slot, adapter)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            self._pending[slot] = event
+        else:
+            self._copy(slot, adapter)
+        self.loads += 1
+        return slot
+
+    def _copy(self, slot: int, adapter: LoraAdapter) -> None:
+        for p, w in self.weights.items():
+            r = adapter.rank_of(p)
+            if r:
+                a, b = adapter.weights[p]
+                w.a[slot, :, :r].copy_(a, non_blocking=True)
+                w.b[slot, :, :r].copy_(b, non_blocking=True)
+            # zero what a previous, larger adapter left behind (kernels read only :rank, but
+            # the padded torch paths read everything)
+            w.a[slot, :, r:].zero_()
+            w.b[slot, :, r:].zero_()
+            w.ranks_list[slot] = r
+            w.ranks[slot] = r
+
+    def _free_slot(self) -> int | None:
+        for s in range(self.num_slots):
+            if self._name_of[s] is None:
+                return s
+        if not self._lru:
+            return None
+        slot, _ = self._lru.popitem(last=False)
+        self._forget(slot)
+        self.evictions += 1
+        return slot
+
+    def _forget(self, slot: int) -> None:
+        name = self._name_of[slot]
+        if name is not None:
+            del self._slot_of[name]
+        self._name_of[slot] = None
+        self._pending.pop(slot, None)
+        for w in self.weights.values():
+            w.ranks_list[slot] = 0
+            w.ranks[slot] = 0
+
+    def evict(self, name: str) -> None:
+        """Drops an adapter from the device; refused while a running request uses it."""
+        slot = self._slot_of.get(name)
+        if slot is None:
+            return
+        if self._refs[slot] > 0:
+            raise AdapterInUseError(f"adapter {name!r} is used by {self._refs[slot]} running "
+                                    "request(s)")
+        self._lru.pop(slot, None)
+        self._forget(slot)
+
+    def snapshot(self) -> dict:
+        return {"slots": self.num_slots,
+                "resident": [n for n in self._name_of if n is not None],
+                "in_use": {self._name_of[s]: r for s, r in enumerate(self._refs) if r},
+                "loading": [self._name_of[s] for s in list(self._pending)
+                            if not self.is_ready(s)],
+                "evictions": self.evictions, "loads": self.loads}

@@ -1,0 +1,151 @@
+"""AdapterStore: adapter name -> source, plus a bounded LRU host cache of parsed adapters.
+
+Adapters are validated when registered (so a bad one is refused at once). If the host cache
+later drops one, it is re-read from its source on a background thread: the engine loop never
+waits on disk.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterError, UnknownAdapterError
+from ..model.config import ModelConfig
+from .peft import LoraAdapter, parse_adapter, validate_name
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    rank: int
+    targets: tuple[str, ...]
+    nbytes: int
+    source: str
+    use_rslora: bool
+    base_model: str | None
+
+
+class AdapterStore:
+    def __init__(self, model_cfg: ModelConfig, max_rank: int, host_cache_size: int = 64,
+                 max_adapter_bytes: int = 512 << 20, pin_memory: bool = False):
+        self.model_cfg = model_cfg
+        self.max_rank = max_rank
+        self.host_cache_size = host_cache_size
+        self.max_adapter_bytes = max_adapter_bytes
+        self.pin_memory = pin_memory
+        self._sources: dict[str, object] = {}
+        self._info: dict[str, AdapterInfo] = {}
+        self._cache: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._loading: dict[str, object] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
+
+    # -- registry --------------------------------------------------------------------------
+    def register(self, name: str, source) -> AdapterInfo:
+        """Validates now and caches; raises AdapterError on anything that cannot be served."""
+        validate_name(name)
+        with self._lock:
+            if name in self._sources:
+                raise AdapterError(f"an adapter named {name!r} is already registered; unload it "
+                                   "first")
+        adapter = self._parse(name, source)
+        info = AdapterInfo(name, adapter.rank, adapter.targets, adapter.nbytes, adapter.source,
+                           adapter.use_rslora, adapter.base_model)
+        with self._lock:
+            if name in self._sources:
+                raise AdapterError(f"an adapter named {name!r} is already registered")
+            # in-memory uploads cannot be re-read, so they stay cached for good
+            self._sources[name] = source if not isinstance(source, dict) else None
+            self._info[name] = info
+            self._put(name, adapter)
+        return info
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if name not in self._sources:
+                raise UnknownAdapterError(f"unknown adapter {name!r}")
+            del self._sources[name], self._info[name]
+            self._cache.pop(name, None)
+            self._errors.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sources
+
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    def info(self, name: str) -> AdapterInfo:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise UnknownAdapterError(f"unknown adapter {name!r}") from None
+
+    def infos(self) -> list[AdapterInfo]:
+        return list(self._info.values())
+
+    # -- host cache ------------------------------------------------------------------------
+    def get_cached(self, name: str) -> LoraAdapter | None:
+        with self._lock:
+            adapter = self._cache.get(name)
+            if adapter is not None:
+                self._cache.move_to_end(name)
+            return adapter
+
+    def is_cached(self, name: str) -> bool:
+        return name in self._cache
+
+    def load_error(self, name: str) -> str | None:
+        return self._errors.get(name)
+
+    def prefetch(self, name: str) -> None:
+        """Starts reading the adapter from its source in the background (idempotent)."""
+        with self._lock:
+            if name not in self._sources:
+                raise UnknownAdapterError(f"unknown adapter {name!r}")
+            if name in self._cache or name in self._loading:
+                return
+            source = self._sources[name]
+            self._errors.pop(name, None)
+            self._loading[name] = self._pool.submit(self._load_in_background, name, source)
+
+    def _load_in_background(self, name: str, source) -> None:
+        try:
+            adapter = self._parse(name, source)
+            with self._lock:
+                if name in self._sources:
+                    self._put(name, adapter)
+        except AdapterError as e:
+            self._errors[name] = str(e)
+        except Exception as e:  # noqa: BLE001 - surfaced to the waiting request
+            self._errors[name] = f"adapter {name!r} failed to load: {e}"
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+
+    def _parse(self, name, source) -> LoraAdapter:
+        if source is None:
+            raise AdapterError(f"adapter {name!r} was uploaded and is no longer cached")
+        adapter = parse_adapter(name, source, self.model_cfg, self.max_rank,
+                                self.max_adapter_bytes)
+        if self.pin_memory and torch.cuda.is_available():
+            adapter.weights = {p: (a.pin_memory(), b.pin_memory())
+                               for p, (a, b) in adapter.weights.items()}
+        return adapter
+
+    def _put(self, name: str, adapter: LoraAdapter) -> None:
+        self._cache[name] = adapter
+        self._cache.move_to_end(name)
+        while len(self._cache) > self.host_cache_size:
+            victim = next(n for n in self._cache if self._sources.get(n) is not None
+                          or n == name)
+            if victim == name:
+                break
+            self._cache.pop(victim)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,53 @@
+"""EngineConfig: every knob of one engine, validated once and passed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"          # "default", a HF folder, a .gguf file, "random:NAME"
+    device: str | None = None       # None: cuda if available, else cpu
+    dtype: str | None = None        # None: bfloat16 on cuda, float32 on cpu
+    max_batch: int = 32             # running requests at most
+    max_tokens_per_step: int = 512  # token budget of one step (chunked prefill + decode)
+    max_waiting: int = 256          # bounded queue; beyond it submit fails with QueueFullError
+    max_model_len: int | None = None    # None: min(model's max positions, 8192)
+    block_size: int = 16            # tokens per KV block
+    num_kv_blocks: int | None = None    # None: sized from kv_cache_gb
+    kv_cache_gb: float | None = None    # None: 1 GB on cpu, 90% of free memory on cuda
+    max_adapters_on_gpu: int = 8    # adapter slots on the device
+    max_lora_rank: int = 64
+    host_cache_adapters: int = 64   # parsed adapters kept in host memory
+    max_adapter_bytes: int = 512 << 20
+    seed: int = 0
+    metrics_window: int = 4096
+
+    def __post_init__(self):
+        positive = ("max_batch", "max_tokens_per_step", "max_waiting", "block_size",
+                    "max_adapters_on_gpu", "max_lora_rank", "host_cache_adapters")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: choose from {', '.join(_DTYPES)}")
+        if self.max_lora_rank > 128:
+            raise ValueError("max_lora_rank is at most 128")
+
+    @cached_property
+    def torch_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @cached_property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype:
+            return _DTYPES[self.dtype]
+        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32

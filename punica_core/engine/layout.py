@@ -1,0 +1,118 @@
+"""BatchLayout: everything one engine step needs, built once per step (never per layer)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    """Rows [row_start, row_end) of one request; attends to kv_index (its whole context)."""
+    row_start: int
+    row_end: int
+    kv_index: torch.Tensor          # [ctx] flat KV indices, ctx = first_pos + rows
+    first_pos: int                  # position of the first row
+
+
+@dataclass
+class LoraSegments:
+    """Rows grouped by adapter slot: rows indptr[i]:indptr[i+1] use slot_ids[i] (-1: none)."""
+    indptr: list[int]
+    slot_ids: list[int]
+    indptr_t: torch.Tensor          # int32 on the model's device
+    slot_ids_t: torch.Tensor
+
+    @property
+    def any_adapter(self) -> bool:
+        return any(s >= 0 for s in self.slot_ids)
+
+
+@dataclass
+class BatchLayout:
+    input_ids: torch.Tensor         # [T] token ids
+    positions: torch.Tensor         # [T]
+    slot_mapping: torch.Tensor      # [T] flat KV index where each row's K/V is written
+    decode_rows: torch.Tensor       # [Bd] rows of requests with exactly one new token
+    decode_kv_index: torch.Tensor   # [Bd, C] flat KV indices of their contexts (padded)
+    decode_kv_mask: torch.Tensor    # [Bd, C] True where a key is real
+    prefills: list[PrefillChunk]
+    logit_rows: torch.Tensor        # [B] rows whose next token is sampled
+    lora: LoraSegments | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class ScheduledChunk:
+    """One request's share of a step, as the scheduler hands it to the layout builder."""
+    token_ids: list[int]            # the tokens to run this step
+    first_pos: int                  # their first position
+    block_table: list[int]
+    slot: int                       # adapter slot, -1 for none
+    sample: bool                    # does this chunk end at the request's newest token?
+
+
+def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> BatchLayout:
+    """Rows are laid out in the order given; the scheduler sorts chunks by slot so that each
+    adapter's rows are contiguous and form one SGMV segment."""
+    ids, pos, slots_map = [], [], []
+    decode_rows, decode_ctx, decode_tables = [], [], []
+    prefills: list[tuple[int, int, list[int], int]] = []
+    logit_rows, indptr, seg_slots = [], [0], []
+    row = 0
+    for c in chunks:
+        n = len(c.token_ids)
+        ids.extend(c.token_ids)
+        for p in range(c.first_pos, c.first_pos + n):
+            pos.append(p)
+            slots_map.append(c.block_table[p // block_size] * block_size + p % block_size)
+        ctx = c.first_pos + n
+        if n == 1:
+            decode_rows.append(row)
+            decode_ctx.append(ctx)
+            decode_tables.append(c.block_table)
+        else:
+            prefills.append((row, row + n, c.block_table, c.first_pos))
+        if c.sample:
+            logit_rows.append(row + n - 1)
+        if seg_slots and seg_slots[-1] == c.slot:
+            indptr[-1] = row + n
+        else:
+            seg_slots.append(c.slot)
+            indptr.append(row + n)
+        row += n
+
+    def flat_index(table: list[int], ctx: int) -> torch.Tensor:
+        p = torch.arange(ctx)
+        return torch.tensor(table, dtype=torch.long)[p // block_size] * block_size \
+            + p % block_size
+
+    if decode_rows:
+        width = max(decode_ctx)
+        kv_index = torch.zeros(len(decode_rows), width, dtype=torch.long)
+        kv_mask = torch.zeros(len(decode_rows), width, dtype=torch.bool)
+        for i, (table, ctx) in enumerate(zip(decode_tables, decode_ctx)):
+            kv_index[i, :ctx] = flat_index(table, ctx)
+            kv_mask[i, :ctx] = True
+    else:
+        kv_index = torch.zeros(0, 0, dtype=torch.long)
+        kv_mask = torch.zeros(0, 0, dtype=torch.bool)
+
+    to = dict(device=device)
+    lora = LoraSegments(indptr, seg_slots,
+                        torch.tensor(indptr, dtype=torch.int32, **to),
+                        torch.tensor(seg_slots, dtype=torch.int32, **to))
+    return BatchLayout(
+        input_ids=torch.tensor(ids, dtype=torch.long, **to),
+        positions=torch.tensor(pos, dtype=torch.long, **to),
+        slot_mapping=torch.tensor(slots_map, dtype=torch.long, **to),
+        decode_rows=torch.tensor(decode_rows, dtype=torch.long, **to),
+        decode_kv_index=kv_index.to(device), decode_kv_mask=kv_mask.to(device),
+        prefills=[PrefillChunk(s, e, flat_index(t, fp + e - s).to(device), fp)
+                  for s, e, t, fp in prefills],
+        logit_rows=torch.tensor(logit_rows, dtype=torch.long, **to),
+        lora=lora)

@@ -1,0 +1,38 @@
+"""ModelRunner: turns a scheduled batch into one forward pass and sampled tokens."""
+from __future__ import annotations
+
+import torch
+
+from ..adapters.slots import SlotPool
+from ..model.kv_cache import KVCache
+from ..model.llama import LlamaModel
+from ..model.lora import LoraContext
+from .layout import BatchLayout, build_layout
+from .sampling import sample
+from .scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache, pool: SlotPool):
+        self.model, self.kv, self.pool = model, kv, pool
+
+    def prepare(self, batch: ScheduledBatch) -> BatchLayout:
+        return build_layout(batch.chunks, self.kv.block_size, self.model.device)
+
+    def forward(self, layout: BatchLayout) -> torch.Tensor:
+        """Logits [B, V] of the rows that sample."""
+        lora = None
+        if layout.lora is not None and layout.lora.any_adapter:
+            lora = LoraContext(self.pool, layout.lora, layout.num_rows, self.model.dtype,
+                               self.model.device)
+        return self.model.forward(layout, self.kv, lora)
+
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        """One token per scheduled request (None for chunks that do not sample yet)."""
+        layout = self.prepare(batch)
+        logits = self.forward(layout)
+        sampling = [(r, c) for r, c in zip(batch.requests, batch.chunks) if c.sample]
+        tokens = sample(logits, [r.params for r, _ in sampling],
+                        [r.generator for r, _ in sampling]) if sampling else []
+        it = iter(tokens)
+        return [next(it) if c.sample else None for c in batch.chunks]

@@ -1,0 +1,164 @@
+"""Continuous batching. Each step: decode rows for running requests, then prefill chunks,
+then new admissions, all under one token budget. Admission needs KV blocks for the whole
+known sequence and the adapter resident in a slot; a request whose adapter is still loading
+waits in the queue while others pass it, but nobody passes a request that waits for KV
+blocks (FCFS, no starvation). When decode runs out of blocks, the newest running request is
+preempted and later recomputed with one prefill; its stream goes on where it was.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..adapters.slots import SlotPool
+from ..adapters.store import AdapterStore
+from ..config import EngineConfig
+from ..model.kv_cache import KVCache
+from .layout import ScheduledChunk
+from .request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    failed: list[tuple[Request, str]] = field(default_factory=list)   # refused at admission
+
+    @property
+    def empty(self) -> bool:
+        return not self.requests
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, kv: KVCache, pool: SlotPool, store: AdapterStore,
+                 max_model_len: int):
+        self.cfg, self.kv, self.pool, self.store = cfg, kv, pool, store
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.cfg.max_tokens_per_step
+        picked: list[tuple[Request, int]] = []
+        # 1. decode rows, oldest first; preempt the newest when blocks run out
+        for req in sorted(self.running, key=lambda r: r.seq):
+            if req.status is not Status.RUNNING or req.pending != 1 or budget == 0:
+                continue
+            if not self._grow(req, req.num_tokens):
+                continue            # req itself was preempted
+            picked.append((req, 1))
+            budget -= 1
+        # 2. running requests part-way through their prefill
+        for req in sorted(self.running, key=lambda r: r.seq):
+            if req.pending > 1 and budget > 0:
+                n = min(req.pending, budget)
+                picked.append((req, n))
+                budget -= n
+        # 3. admissions, FCFS
+        for req in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.cfg.max_batch:
+                break
+            ready = self._adapter_ready(req, batch)
+            if ready is None:
+                continue            # failed; reported below
+            if not ready:
+                continue            # adapter loading: let later requests go first
+            if self.kv.blocks_needed(req.num_tokens + 1) > self.kv.allocator.num_free:
+                break               # nobody passes a request waiting for memory
+            self.waiting.remove(req)
+            req.block_table = self.kv.allocator.allocate(self.kv.blocks_needed(req.num_tokens))
+            req.num_computed = 0
+            req.status = Status.RUNNING
+            if req.adapter is not None:
+                req.slot = self.pool.lookup(req.adapter)
+                self.pool.acquire(req.slot)
+            self.running.append(req)
+            n = min(req.pending, budget)
+            picked.append((req, n))
+            budget -= n
+        # rows grouped by adapter slot: each adapter's rows form one SGMV segment
+        picked.sort(key=lambda p: (p[0].slot, p[0].seq))
+        for req, n in picked:
+            start = req.num_computed
+            batch.requests.append(req)
+            batch.chunks.append(ScheduledChunk(
+                token_ids=req.all_ids[start:start + n], first_pos=start,
+                block_table=req.block_table, slot=req.slot, sample=start + n == req.num_tokens))
+        return batch
+
+    def _adapter_ready(self, req: Request, batch: ScheduledBatch) -> bool | None:
+        """True when the adapter is in a ready slot; False while it loads; None if it failed."""
+        name = req.adapter
+        if name is None:
+            req.slot = -1
+            return True
+        slot = self.pool.lookup(name)
+        if slot is not None:
+            return self.pool.is_ready(slot)
+        if name not in self.store:
+            self._refuse(req, batch, f"adapter {name!r} was unloaded before the request ran")
+            return None
+        error = self.store.load_error(name)
+        if error:
+            self._refuse(req, batch, error)
+            return None
+        adapter = self.store.get_cached(name)
+        if adapter is None:
+            self.store.prefetch(name)           # disk read on a worker thread
+            return False
+        slot = self.pool.load(adapter)          # None: every slot is in use
+        return slot is not None and self.pool.is_ready(slot)
+
+    def _refuse(self, req: Request, batch: ScheduledBatch, why: str) -> None:
+        self.waiting.remove(req)
+        batch.failed.append((req, why))
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Makes room for num_tokens in req's block table, preempting the newest running
+        requests if needed. False if req itself had to be preempted."""
+        need = self.kv.blocks_needed(num_tokens) - len(req.block_table)
+        while need > self.kv.allocator.num_free:
+            victim = max((r for r in self.running), key=lambda r: r.seq)
+            self.preempt(victim)
+            if victim is req:
+                return False
+        if need > 0:
+            req.block_table += self.kv.allocator.allocate(need)
+        return True
+
+    def preempt(self, req: Request) -> None:
+        """Frees req's blocks and slot; it goes back to the head of the queue to recompute."""
+        self._release(req)
+        req.status = Status.WAITING
+        req.num_computed = 0
+        self.waiting.appendleft(req)
+        self.preemptions += 1
+
+    def finish(self, req: Request) -> None:
+        if req.status is Status.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status = Status.FINISHED
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.block_table:
+            self.kv.allocator.free(req.block_table)
+            req.block_table = []
+        if req.slot >= 0 and req.status is Status.RUNNING:
+            self.pool.release(req.slot)
+        req.slot = -1
+
+    def complete_step(self, req: Request, n: int) -> None:
+        req.num_computed += n

@@ -1,0 +1,35 @@
+"""Paged attention, torch reference: decode rows batched in one SDPA, prefill chunks one each."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.layout import BatchLayout
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        layout: BatchLayout, scale: float) -> torch.Tensor:
+    """q: [T, heads, D]; k_cache/v_cache: one layer's [slots, kv_heads, D], already holding this
+    step's keys. Returns [T, heads, D]."""
+    out = torch.empty_like(q)
+    if layout.decode_rows.numel():
+        rows = layout.decode_rows
+        k = k_cache[layout.decode_kv_index]                     # [Bd, C, kvh, D]
+        v = v_cache[layout.decode_kv_index]
+        mask = layout.decode_kv_mask[:, None, None, :]          # [Bd, 1, 1, C]
+        o = F.scaled_dot_product_attention(
+            q[rows].unsqueeze(2),                               # [Bd, heads, 1, D]
+            k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+            enable_gqa=True)
+        out[rows] = o.squeeze(2)
+    for ch in layout.prefills:
+        qs = q[ch.row_start:ch.row_end].transpose(0, 1)        # [heads, n, D]
+        k = k_cache[ch.kv_index].transpose(0, 1)                # [kvh, ctx, D]
+        v = v_cache[ch.kv_index].transpose(0, 1)
+        n, ctx = qs.shape[1], k.shape[1]
+        q_pos = torch.arange(ch.first_pos, ch.first_pos + n, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]   # [n, ctx]
+        o = F.scaled_dot_product_attention(qs.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        out[ch.row_start:ch.row_end] = o.squeeze(0).transpose(0, 1)
+    return out

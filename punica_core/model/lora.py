@@ -1,0 +1,39 @@
+"""The model's view of LoRA in one step: the step's segments bound to the slot pool's weights."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..engine.layout import LoraSegments
+
+
+class LoraContext:
+    """Adds every row's adapter delta to a projection's output, one SGMV pair per projection.
+
+    Built once per step; `apply` is called per layer and does no Python work per adapter beyond
+    the op calls (the CPU reference loops over segments inside the op).
+    """
+
+    def __init__(self, pool, segments: LoraSegments, num_rows: int, dtype, device):
+        self.pool = pool
+        self.seg = segments
+        # v: [T, max_rank] shrink output, shared by all projections (each reads its own :rank)
+        self.v = torch.empty(num_rows, pool.max_rank, dtype=dtype, device=device)
+        on_cpu = torch.device(device).type == "cpu"
+        # The CPU reference wants Python ints; the CUDA kernels want device tensors.
+        self._indptr = segments.indptr if on_cpu else segments.indptr_t
+        self._slots = segments.slot_ids if on_cpu else segments.slot_ids_t
+        self._on_cpu = on_cpu
+        used = [s for s in segments.slot_ids if s >= 0]
+        self.active = {p: any(pool.rank_of(p, s) > 0 for s in used) for p in pool.projections}
+
+    def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...]):
+        """out: [T, site_out] fused projection output; x: [T, in] its input."""
+        for p in projs:
+            if not self.active.get(p):
+                continue
+            w = self.pool.weights[p]
+            ranks = w.ranks_list if self._on_cpu else w.ranks
+            ops.sgmv_shrink(self.v, x, w.a, self._indptr, self._slots, ranks, layer)
+            ops.sgmv_expand(out, self.v, w.b, self._indptr, self._slots, ranks, layer,
+                            self.pool.col_offsets[p])
