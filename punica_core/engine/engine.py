@@ -168,9 +168,9 @@ class Engine:
 
     # -- the loop body -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self._take_inbox()
+        outputs = self._take_inbox()
         batch = self.scheduler.schedule()
-        outputs = [self._fail(req, why) for req, why in batch.failed]
+        outputs += [self._fail(req, why) for req, why in batch.failed]
         if batch.empty:
             if self.scheduler.waiting:
                 time.sleep(0.001)   # adapters loading; do not spin the CPU
@@ -185,18 +185,21 @@ class Engine:
         self._record(batch, time.perf_counter() - t0, sum(t is not None for t in tokens))
         return outputs
 
-    def _take_inbox(self) -> None:
+    def _take_inbox(self) -> list[RequestOutput]:
+        """Queues new requests and finishes aborted ones (their blocks are freed now)."""
         with self._lock:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
         for req in new:
             self._requests[req.id] = req
             self.scheduler.add(req)
+        outputs = []
         for rid in aborts:
             req = self._requests.get(rid)
             if req is not None:
                 req.finish_reason = "abort"
-                self._finish(req)
+                outputs.append(self._finish(req))
+        return outputs
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None]) -> list:
         outputs = []

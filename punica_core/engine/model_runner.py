@@ -15,6 +15,7 @@ from .scheduler import ScheduledBatch
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, pool: SlotPool):
         self.model, self.kv, self.pool = model, kv, pool
+        self.capture = None     # tests set a list here to receive (request ids, logits) per step
 
     def prepare(self, batch: ScheduledBatch) -> BatchLayout:
         return build_layout(batch.chunks, self.kv.block_size, self.model.device)
@@ -32,6 +33,8 @@ class ModelRunner:
         layout = self.prepare(batch)
         logits = self.forward(layout)
         sampling = [(r, c) for r, c in zip(batch.requests, batch.chunks) if c.sample]
+        if self.capture is not None:
+            self.capture.append(([r.id for r, _ in sampling], logits.detach().cpu()))
         tokens = sample(logits, [r.params for r, _ in sampling],
                         [r.generator for r, _ in sampling]) if sampling else []
         it = iter(tokens)
