@@ -1,0 +1,1 @@
+"""The server: OpenAI-compatible routes plus the Gradio playground at `/`, over one engine."""

@@ -1,0 +1,54 @@
+"""Builds the FastAPI app: engine start-up, sample adapters, API routes, Gradio at `/`."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from punica_core import AdapterError, AsyncEngine, Engine, EngineConfig
+
+from .state import ServerConfig, ServerState
+
+log = logging.getLogger("punica.app")
+
+
+def discover_adapters(folder: str | None) -> list[Path]:
+    """PEFT folders directly inside `folder` (each with adapter_config.json)."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file())
+
+
+def build_state(cfg: ServerConfig, engine: Engine | None = None, progress=print) -> ServerState:
+    if engine is None:
+        progress(f"[punica] loading model {cfg.model!r} ...")
+        engine = Engine(EngineConfig(model=cfg.model, device=cfg.device, max_batch=cfg.max_batch,
+                                     max_adapters_on_gpu=cfg.max_adapters_on_gpu,
+                                     max_waiting=cfg.max_waiting))
+    progress(f"[punica] model {engine.name} on {engine.model.device} "
+             f"({engine.model.weight_bytes / 2**20:.0f} MiB of weights)")
+    for path in discover_adapters(cfg.adapters_dir):
+        try:
+            info = engine.register_adapter(path.name, path)
+            progress(f"[punica] adapter {info.name}: rank {info.rank}, "
+                     f"targets {','.join(info.targets)}")
+        except AdapterError as e:
+            progress(f"[punica] skipped adapter {path.name}: {e}")
+    upload_dir = Path(cfg.upload_dir or tempfile.mkdtemp(prefix="punica-uploads-"))
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    return ServerState(cfg, engine, AsyncEngine(engine), upload_dir)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="punica-playground")
+    app.state.punica = state
+    try:
+        from .openai_api import build_router     # the OpenAI-compatible API (its own issue)
+        app.include_router(build_router(state))
+    except ImportError as e:
+        if "openai_api" not in str(e):
+            raise
+    from .playground import mount_playground
+    return mount_playground(app, state)
