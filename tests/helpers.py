@@ -1,37 +1,11 @@
-"""Shared test helpers: make real PEFT adapters for the default model (or the tiny one)."""
-from __future__ import annotations
+"""Shared test data: the adapter mix the parity test asks for."""
+from punica_core.adapters.random_adapter import ALL_PROJECTIONS as ALL
+from punica_core.adapters.random_adapter import make_peft_adapter  # noqa: F401
 
-from pathlib import Path
-
-import torch
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# rank, targets, rslora: the parity mix the core issue asks for
+# rank, targets, rslora
 PARITY_MIX = {
     "r4_qv": (4, ["q_proj", "v_proj"], False),
     "r8_all": (8, ALL, False),
     "r16_mlp_rs": (16, ["gate_proj", "up_proj", "down_proj"], True),
     "r64_attn": (64, ["q_proj", "k_proj", "v_proj", "o_proj"], False),
 }
-
-
-def make_peft_adapter(hf_model, out_dir: Path, rank: int, targets, rslora=False, seed=0,
-                      b_scale: float = 0.05, alpha: float | None = None, **extra) -> Path:
-    """Saves a PEFT LoRA adapter with random A and B (B scaled so outputs change but stay
-    sensible). Returns the folder."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(targets),
-                     use_rslora=rslora, init_lora_weights=False, **extra)
-    peft_model = get_peft_model(hf_model, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, b_scale)
-            elif "lora_A" in name:
-                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
-    peft_model.save_pretrained(str(out_dir))
-    peft_model.unload()     # restores hf_model's modules for the next adapter
-    return Path(out_dir)
