@@ -87,4 +87,8 @@ class LlamaModel:
                 lora.apply(d, m, i, DOWN)
             x = x + d
         x = rms_norm(x[layout.logit_rows], self.norm, cfg.rms_norm_eps)
+        if x.device.type == "cpu":
+            # W @ x.T streams the large vocabulary matrix ~3x faster than F.linear on CPU
+            # for a few rows (measured: 15.6 vs 5.3 GB/s for SmolLM2's 49152 x 576 head)
+            return torch.matmul(self.lm_head, x.t()).t().float()    # [B, V]
         return F.linear(x, self.lm_head).float()                    # [B, V]

@@ -5,6 +5,12 @@ import torch
 
 from .. import ops
 from ..engine.layout import LoraSegments
+from ..ops.torch_small_batch import SmallBatchPlan, add_lora_small_batch
+
+# CPU: with at least this many adapter segments and at most this many rows, one batched matmul
+# over all slots beats a pair of matmuls per segment (see ops/torch_small_batch.py).
+SMALL_BATCH_MIN_SEGMENTS = 3
+SMALL_BATCH_MAX_ROWS = 64
 
 
 class LoraContext:
@@ -25,7 +31,15 @@ class LoraContext:
         self._slots = segments.slot_ids if on_cpu else segments.slot_ids_t
         self._on_cpu = on_cpu
         used = [s for s in segments.slot_ids if s >= 0]
-        self.active = {p: any(pool.rank_of(p, s) > 0 for s in used) for p in pool.projections}
+        # largest rank in use per projection; 0 means no row's adapter targets it
+        self.rank = {p: max((pool.rank_of(p, s) for s in used), default=0)
+                     for p in pool.projections}
+        self.active = {p: r > 0 for p, r in self.rank.items()}
+        self.small = None
+        if on_cpu and len(used) >= SMALL_BATCH_MIN_SEGMENTS and num_rows <= SMALL_BATCH_MAX_ROWS:
+            row_slots = [s for i, s in enumerate(segments.slot_ids)
+                         for _ in range(segments.indptr[i + 1] - segments.indptr[i])]
+            self.small = SmallBatchPlan(row_slots, device)
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...]):
         """out: [T, site_out] fused projection output; x: [T, in] its input."""
@@ -33,6 +47,10 @@ class LoraContext:
             if not self.active.get(p):
                 continue
             w = self.pool.weights[p]
+            if self.small is not None:
+                add_lora_small_batch(out, x, w.a, w.b, self.small, layer, self.rank[p],
+                                     self.pool.col_offsets[p])
+                continue
             ranks = w.ranks_list if self._on_cpu else w.ranks
             ops.sgmv_shrink(self.v, x, w.a, self._indptr, self._slots, ranks, layer)
             ops.sgmv_expand(out, self.v, w.b, self._indptr, self._slots, ranks, layer,

@@ -1,0 +1,44 @@
+"""A CPU fast path for small batches with many distinct adapters (decode steps).
+
+Instead of two matmuls per segment, every row is multiplied by every resident slot's weights
+in one strided batched matmul, and each row keeps its own slot's result. The op count no
+longer grows with the number of adapters, and for a handful of rows the extra arithmetic is
+cheaper than the per-call overhead it saves. Padded rank rows are zero in the slot pool, so the
+result equals the segment-wise reference (tests/ops/test_small_batch.py).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SmallBatchPlan:
+    """Per-step indices: which rows have an adapter, and their slot relative to `lo`."""
+
+    def __init__(self, row_slots: list[int], device):
+        used = [s for s in row_slots if s >= 0]
+        self.lo, self.hi = min(used), max(used) + 1
+        rows = [i for i, s in enumerate(row_slots) if s >= 0]
+        self.all_rows = len(rows) == len(row_slots)
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.rel_slots = torch.tensor([row_slots[i] - self.lo for i in rows], dtype=torch.long,
+                                      device=device)
+        self.arange = torch.arange(len(rows), device=device)
+
+
+def add_lora_small_batch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         plan: SmallBatchPlan, layer: int, rank: int, col_offset: int = 0):
+    """y[rows, off:off+out] += (x[rows] @ a[slot, layer, :rank].T) @ b[slot, layer, :rank].
+
+    rank: the largest rank among the slots in use for this projection.
+    """
+    xs = x if plan.all_rows else x[plan.rows]                       # [n, in]
+    full = torch.matmul(a[plan.lo:plan.hi, layer, :rank], xs.t())   # [S', r, n]
+    v = full[plan.rel_slots, :, plan.arange]                        # [n, r]
+    out = torch.matmul(v, b[plan.lo:plan.hi, layer, :rank])         # [S', n, out]
+    delta = out[plan.rel_slots, plan.arange]                        # [n, out]
+    target = y[:, col_offset:col_offset + b.shape[-1]]
+    if plan.all_rows:
+        target.add_(delta)
+    else:
+        target.index_add_(0, plan.rows, delta)
+    return y
