@@ -125,9 +125,14 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     adapter: str | None = None, *, request_id: str | None = None,
                     stream: bool = True, loop=None, enforce_queue_limit: bool = True,
-                    prompt_ids: list[int] | None = None) -> Request:
+                    prompt_ids: list[int] | None = None,
+                    resume_output_ids: list[int] | None = None) -> Request:
         """Validates and queues a request; thread-safe. Raises at once on bad input or when the
-        queue is full. Returns the Request (its `.stream` yields RequestOutputs)."""
+        queue is full. Returns the Request (its `.stream` yields RequestOutputs).
+
+        resume_output_ids: tokens already generated elsewhere (a migrated request): they are
+        recomputed with the prompt in one prefill and count towards max_tokens; the stream
+        carries only what comes after them."""
         params = params or SamplingParams()
         ids = prompt_ids if prompt_ids is not None else self.encode_prompt(prompt)
         if not ids:
@@ -140,8 +145,11 @@ class Engine:
         if self.kv.blocks_needed(len(ids) + 1) > self.kv.allocator.num_blocks:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens, more than the KV cache "
                                      "holds")
+        if resume_output_ids and len(resume_output_ids) >= params.max_tokens:
+            raise InvalidRequestError("nothing left to generate: max_tokens already reached")
         req = Request(ids, params, adapter, self.tokenizer, self.eos_ids, request_id,
-                      device=self.model.device, default_generator=self._generator)
+                      device=self.model.device, default_generator=self._generator,
+                      resume_output_ids=resume_output_ids)
         if stream:
             req.stream = RequestStream(req.id, self.abort, loop)
         with self._lock:

@@ -38,7 +38,8 @@ class RequestOutput:
 class Request:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                  tokenizer, eos_ids: tuple[int, ...], request_id: str | None = None,
-                 stream=None, device="cpu", default_generator=None):
+                 stream=None, device="cpu", default_generator=None,
+                 resume_output_ids: list[int] | None = None):
         self.id = request_id or f"req-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -59,6 +60,10 @@ class Request:
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
+        for t in resume_output_ids or []:   # a migrated request continues where it was
+            self.output_ids.append(t)
+            self.detok.add(t)
+        self.detok.emitted = len(self.detok.text)
 
     @property
     def all_ids(self) -> list[int]:

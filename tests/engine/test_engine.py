@@ -165,3 +165,21 @@ def test_async_engine_streams_and_cancels(make_engine):
         assert e.metrics.finished_by_reason["abort"] == 1
     finally:
         engine.loop.stop()
+
+
+def test_resumed_request_continues_the_same_greedy_tokens(make_engine):
+    """What cluster migration relies on: prompt + generated tokens re-prefilled elsewhere."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    e = make_engine()
+    full = e.add_request("The three laws of robotics are", params)
+    run_to_completion(e)
+    other = make_engine()
+    resumed = other.add_request("The three laws of robotics are", params,
+                                resume_output_ids=full.output_ids[:10])
+    run_to_completion(other)
+    assert resumed.output_ids == full.output_ids
+    outs = []
+    while not resumed.stream._q.empty():
+        outs.append(resumed.stream._q.get())
+    assert [t for o in outs for t in o.new_token_ids] == full.output_ids[10:]
+    assert outs[-1].text == full.stream.result().text
