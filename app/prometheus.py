@@ -38,6 +38,9 @@ class EngineExporter(Collector):
         self.engine, self.p = engine, prefix
         self._lock = threading.Lock()
         self._last_step = self._last_ttft = None
+        # registered before the histograms: the registry collects in registration order, so
+        # each scrape feeds the histograms (in collect()) before they are read
+        registry.register(self)
         h = dict(registry=registry)
         self.step_seconds = Histogram(f"{prefix}_step_duration_seconds",
                                       "Wall time of one engine step (forward + sampling)",
@@ -53,7 +56,6 @@ class EngineExporter(Collector):
         self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds",
                               "From arrival in the engine to the first generated token",
                               buckets=TTFT_SECONDS, **h)
-        registry.register(self)
 
     def _observe_new(self) -> None:
         m = self.engine.metrics
