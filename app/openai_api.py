@@ -210,7 +210,7 @@ def build_router(state: ServerState) -> APIRouter:
                                temperature=1.0 if body.temperature is None else body.temperature,
                                top_p=1.0 if body.top_p is None else body.top_p,
                                seed=None if body.seed is None else body.seed + j,
-                               stop=body.stop)
+                               stop=body.stop, ignore_eos=body.ignore_eos)
                 for j in range(n)]
 
     def submit_all(jobs: list[tuple[list[int], SamplingParams]], adapter, rid: str) -> list:

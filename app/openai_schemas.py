@@ -42,6 +42,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False            # vLLM's extension: generate max_tokens tokens
 
     @property
     def include_usage(self) -> bool:
