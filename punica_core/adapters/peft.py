@@ -192,7 +192,19 @@ def _check_config(cfg: dict, label: str) -> None:
                            "(the adapter replaces whole modules, which cannot be batched)")
     if cfg.get("bias", "none") not in ("none", None) or cfg.get("lora_bias"):
         raise AdapterError(f"{where}: LoRA bias terms are not supported (bias must be 'none')")
+    types = {"use_dora": bool, "use_rslora": bool, "rank_pattern": dict, "alpha_pattern": dict,
+             "modules_to_save": list, "layers_to_transform": (list, int)}
+    for key, kind in types.items():
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise AdapterError(f"{where}: {key} has the wrong type ({type(cfg[key]).__name__})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for k, v in (cfg.get(key) or {}).items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise AdapterError(f"{where}: {key}[{k!r}] must be a positive number")
     targets = cfg.get("target_modules") or []
+    if not (isinstance(targets, str) or (isinstance(targets, list)
+                                         and all(isinstance(t, str) for t in targets))):
+        raise AdapterError(f"{where}: target_modules must be a list of module names")
     names = [targets] if isinstance(targets, str) else list(targets)
     for t in names:
         base = str(t).split(".")[-1]
@@ -254,6 +266,17 @@ def _pattern_value(patterns: dict, module: str, default):
 def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
                   max_bytes: int = 512 << 20) -> LoraAdapter:
     """Reads and validates an adapter; raises AdapterError naming the cause."""
+    try:
+        return _parse_adapter(name, source, model_cfg, max_rank, max_bytes)
+    except AdapterError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError,
+            RuntimeError) as e:
+        # a safety net: whatever we did not foresee still ends as the adapter's own error
+        raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
+
+
+def _parse_adapter(name, source, model_cfg, max_rank, max_bytes) -> LoraAdapter:
     from safetensors.torch import load as st_load
 
     validate_name(name)
