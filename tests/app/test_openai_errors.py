@@ -9,7 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-if importlib.util.find_spec("app.playground") is None:     # until the playground lands
+try:
+    import app.playground  # noqa: F401
+except ModuleNotFoundError as _e:       # until the playground lands: the API alone
+    if _e.name != "app.playground":
+        raise
     _stub = types.ModuleType("app.playground")
     _stub.mount_playground = lambda app, state: app
     sys.modules["app.playground"] = _stub
