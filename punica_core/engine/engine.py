@@ -34,9 +34,10 @@ log = logging.getLogger("punica")
 class Engine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         self.config = cfg = config or EngineConfig()
-        device, dtype = cfg.torch_device, cfg.torch_dtype
-        self.loaded = loaded or load_model(cfg.model, device, dtype)
+        self.loaded = loaded or load_model(cfg.model, cfg.torch_device, cfg.torch_dtype)
         self.model = self.loaded.model
+        # a model loaded beforehand decides: KV cache and adapter slots follow its device/dtype
+        device, dtype = self.model.device, self.model.dtype
         self.tokenizer = self.loaded.tokenizer
         mcfg = self.model.cfg
         self.max_model_len = min(cfg.max_model_len or 8192, mcfg.max_position_embeddings,
@@ -66,11 +67,11 @@ class Engine:
         cfg = self.config
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
-        per_block = KVCache.bytes_per_token(self.model.cfg, cfg.torch_dtype) * cfg.block_size
+        per_block = KVCache.bytes_per_token(self.model.cfg, self.model.dtype) * cfg.block_size
         if cfg.kv_cache_gb is not None:
             budget = cfg.kv_cache_gb * 2**30
-        elif cfg.torch_device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(cfg.torch_device)
+        elif self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
             budget = 0.9 * free - 2 * 2**30     # room for the slot pool and activations
         else:
             budget = 2**30
