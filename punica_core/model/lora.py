@@ -7,8 +7,9 @@ from .. import ops
 from ..engine.layout import LoraSegments
 from ..ops.torch_small_batch import SmallBatchPlan, add_lora_small_batch
 
-# CPU: with at least this many adapter segments and at most this many rows, one batched matmul
-# over all slots beats a pair of matmuls per segment (see ops/torch_small_batch.py).
+# Without the CUDA kernels (CPU, or a GPU without the extension): with at least this many
+# adapter segments and at most this many rows, one batched matmul over all slots beats a pair
+# of matmuls per segment (see ops/torch_small_batch.py).
 SMALL_BATCH_MIN_SEGMENTS = 3
 SMALL_BATCH_MAX_ROWS = 64
 
@@ -25,18 +26,20 @@ class LoraContext:
         self.seg = segments
         # v: [T, max_rank] shrink output, shared by all projections (each reads its own :rank)
         self.v = torch.empty(num_rows, pool.max_rank, dtype=dtype, device=device)
-        on_cpu = torch.device(device).type == "cpu"
-        # The CPU reference wants Python ints; the CUDA kernels want device tensors.
-        self._indptr = segments.indptr if on_cpu else segments.indptr_t
-        self._slots = segments.slot_ids if on_cpu else segments.slot_ids_t
-        self._on_cpu = on_cpu
+        kernels = torch.device(device).type == "cuda" and ops.cuda_ops() is not None
+        # The CUDA kernels want device tensors; the torch reference wants Python ints (no
+        # host sync per call).
+        self._indptr = segments.indptr_t if kernels else segments.indptr
+        self._slots = segments.slot_ids_t if kernels else segments.slot_ids
+        self._lists = not kernels
         used = [s for s in segments.slot_ids if s >= 0]
         # largest rank in use per projection; 0 means no row's adapter targets it
         self.rank = {p: max((pool.rank_of(p, s) for s in used), default=0)
                      for p in pool.projections}
         self.active = {p: r > 0 for p, r in self.rank.items()}
         self.small = None
-        if on_cpu and len(used) >= SMALL_BATCH_MIN_SEGMENTS and num_rows <= SMALL_BATCH_MAX_ROWS:
+        if not kernels and len(used) >= SMALL_BATCH_MIN_SEGMENTS \
+                and num_rows <= SMALL_BATCH_MAX_ROWS:
             row_slots = [s for i, s in enumerate(segments.slot_ids)
                          for _ in range(segments.indptr[i + 1] - segments.indptr[i])]
             self.small = SmallBatchPlan(row_slots, device)
@@ -51,7 +54,7 @@ class LoraContext:
                 add_lora_small_batch(out, x, w.a, w.b, self.small, layer, self.rank[p],
                                      self.pool.col_offsets[p])
                 continue
-            ranks = w.ranks_list if self._on_cpu else w.ranks
+            ranks = w.ranks_list if self._lists else w.ranks
             ops.sgmv_shrink(self.v, x, w.a, self._indptr, self._slots, ranks, layer)
             ops.sgmv_expand(out, self.v, w.b, self._indptr, self._slots, ranks, layer,
                             self.pool.col_offsets[p])
