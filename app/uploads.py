@@ -1,0 +1,66 @@
+"""Adapter uploads from the playground: size limits, then validate, store and register."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from punica_core import AdapterError, Engine
+from punica_core.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, validate_name
+
+
+def register_upload(engine: Engine, name: str, files: list[str], upload_dir: Path,
+                    max_mb: int) -> str:
+    """files: paths of the uploaded files (a .zip, or adapter_config.json +
+    adapter_model.safetensors). Returns a success message; raises AdapterError."""
+    name = validate_name((name or "").strip())
+    if not files:
+        raise AdapterError("choose a .zip of a PEFT folder, or adapter_config.json + "
+                           "adapter_model.safetensors")
+    blobs: dict[str, bytes] = {}
+    for f in files:
+        p = Path(f)
+        size = p.stat().st_size
+        if size > max_mb * 2**20:
+            raise AdapterError(f"{p.name}: {size / 2**20:.1f} MB, over the {max_mb} MB "
+                               "upload limit")
+        blobs[p.name] = p.read_bytes()
+    zips = [n for n in blobs if n.endswith(".zip")]
+    if not zips and not any(n.endswith((".json", ".safetensors", ".bin", ".pt")) for n in blobs):
+        raise AdapterError(f"{', '.join(blobs)}: not an adapter (upload a .zip of a PEFT "
+                           "folder, or adapter_config.json + adapter_model.safetensors)")
+    # PEFT names files by convention; accept uploads renamed by the browser (e.g. config.json)
+    if not zips:
+        renamed = {}
+        for n, b in blobs.items():
+            if n.endswith(".json"):
+                renamed[CONFIG_NAME] = b
+            elif n.endswith(".safetensors"):
+                renamed[WEIGHTS_NAME] = b
+            else:
+                renamed[n] = b
+        blobs = renamed
+    from punica_core.adapters.peft import parse_adapter
+    # validate first (nothing is written for a refused upload), then keep a copy on disk so the
+    # adapter can be re-read after it leaves the host cache
+    source = {zips[0]: blobs[zips[0]]} if zips else blobs
+    parse_adapter(name, source, engine.model.cfg, engine.config.max_lora_rank,
+                  engine.config.max_adapter_bytes)
+    if name in engine.store:
+        raise AdapterError(f"an adapter named {name!r} is already registered")
+    folder = upload_dir / name
+    if zips:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "adapter.zip"
+        target.write_bytes(blobs[zips[0]])
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_bytes(blobs[CONFIG_NAME])
+        (folder / WEIGHTS_NAME).write_bytes(blobs[WEIGHTS_NAME])
+        target = folder
+    try:
+        info = engine.register_adapter(name, target)
+    except AdapterError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return (f"registered **{info.name}**: rank {info.rank}, targets {', '.join(info.targets)}, "
+            f"{info.nbytes / 1024:.0f} KiB")

@@ -1,0 +1,158 @@
+"""The playground through gradio_client against a live server: concurrent chats share steps and
+match greedy LLM output; bad inputs give clear messages and disturb nobody."""
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from punica_core import Engine, EngineConfig, SamplingParams
+
+QUESTION = "Name one fruit."
+
+
+@pytest.fixture(scope="module")
+def client(live_server):
+    from gradio_client import Client
+    return Client(live_server.url + "/", verbose=False)
+
+
+def chat_args(adapter, text=QUESTION, max_tokens=24):
+    history = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    return (history, adapter, "", 0.0, 1.0, max_tokens)
+
+
+def answer(history) -> str:
+    from app.playground import text_of
+    return text_of(history[-1]["content"])
+
+
+def test_four_concurrent_chats_share_steps_and_match_greedy(live_server, client,
+                                                            default_loaded, parity_adapters):
+    adapters = list(parity_adapters)
+    before = len(live_server.state.engine.metrics.steps)
+    jobs = [client.submit(*chat_args(a), api_name="/chat") for a in adapters]
+    results = [answer(j.result(timeout=120)) for j in jobs]
+    steps = list(live_server.state.engine.metrics.steps)[before:]
+    assert max(s.num_adapters for s in steps) >= 3, "the chats were not batched together"
+    reference = Engine(EngineConfig(kv_cache_gb=0.1), loaded=default_loaded)
+    for a in adapters:
+        reference.register_adapter(a, parity_adapters[a])
+    msgs = [{"role": "user", "content": QUESTION}]
+    for a, got in zip(adapters, results):
+        req = reference.add_request(None, SamplingParams(max_tokens=24, temperature=0), a,
+                                    prompt_ids=reference.encode_chat(msgs))
+        while reference.has_work():
+            reference.step()
+        assert got == req.stream.result().text, a
+    reference.close()
+
+
+def test_stream_yields_partial_answers(client):
+    job = client.submit(*chat_args("r8_all", max_tokens=20), api_name="/chat")
+    seen = [answer(h) for h in job]
+    assert len(seen) >= 3 and all(seen[-1].startswith(s) for s in seen if s)
+
+
+def test_compare_streams_side_by_side(live_server, client):
+    out = client.predict("Say hi.", "", 16, "r4_qv", "base model, no adapter", "(none)",
+                         "(none)", api_name="/compare")
+    assert out[0] and out[1] and out[0] != out[1] and out[2] == "" and out[3] == ""
+
+
+def test_bad_chat_inputs_show_clear_messages(live_server, client):
+    too_long = "word " * 9000
+    assert "context" in answer(client.predict(*chat_args(None, too_long), api_name="/chat"))
+    removed = answer(client.predict(*chat_args("gone-adapter"), api_name="/chat"))
+    assert "unknown adapter 'gone-adapter'" in removed
+    assert live_server.state.engine.kv.allocator.num_used == 0
+
+
+def zip_bytes(files: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    return buf.getvalue()
+
+
+def upload(client, tmp_path, name, files: dict):
+    from gradio_client import handle_file
+    paths = []
+    for fname, data in files.items():
+        p = tmp_path / fname
+        p.write_bytes(data)
+        paths.append(handle_file(str(p)))
+    status, *_ = client.predict(name, paths, api_name="/upload")
+    return status
+
+
+def test_uploads_good_and_bad(live_server, client, parity_adapters, tmp_path):
+    src = parity_adapters["r4_qv"]
+    good = {n: (src / n).read_bytes() for n in ("adapter_config.json",
+                                                 "adapter_model.safetensors")}
+    status = upload(client, tmp_path, "uploaded_zip", {"peft.zip": zip_bytes(good)})
+    assert status.startswith("✅") and "uploaded_zip" in live_server.state.engine.store
+    status = upload(client, tmp_path, "uploaded_pair", good)
+    assert status.startswith("✅")
+    out = answer(client.predict(*chat_args("uploaded_pair"), api_name="/chat"))
+    assert out and not out.startswith("⚠️")
+    # refused: not a zip, pickled weights, another base model, a bad name
+    assert "not a valid .zip" in upload(client, tmp_path, "x1", {"notes.zip": b"hello"})
+    assert "not an adapter" in upload(client, tmp_path, "x2", {"notes.txt": b"hello"})
+    pickled = {"adapter_config.json": good["adapter_config.json"],
+               "adapter_model.bin": b"\x80\x04pickle"}
+    assert "pickled weights are never loaded" in upload(client, tmp_path, "x3",
+                                                        {"p.zip": zip_bytes(pickled)})
+    other = tmp_path / "other.safetensors"
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+               torch.zeros(4, 4096),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
+               torch.zeros(4096, 4)}, str(other))
+    wrong = {"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                "target_modules": ["q_proj"]}).encode(),
+             "adapter_model.safetensors": other.read_bytes()}
+    assert "another base model" in upload(client, tmp_path, "x4", wrong)
+    assert "invalid adapter name" in upload(client, tmp_path, "../evil", good)
+    assert not any(n.startswith("x") for n in live_server.state.engine.store.names())
+
+
+def test_unload_refused_while_in_use_then_allowed(live_server, client):
+    job = client.submit(*chat_args("r16_mlp_rs", max_tokens=200), api_name="/chat")
+    for _ in job:       # wait until it streams
+        break
+    status, *_ = client.predict("r16_mlp_rs", api_name="/unload")
+    assert "in use" in status
+    job.cancel()
+
+
+def test_oversized_upload_is_refused(default_loaded, tmp_path_factory, parity_adapters,
+                                     tmp_path):
+    from conftest import start_server
+    from gradio_client import Client
+    srv = start_server(default_loaded, tmp_path_factory, {}, max_upload_mb=1)
+    try:
+        client = Client(srv.url + "/", verbose=False)
+        big = {"big.zip": b"\0" * (2 << 20)}
+        try:
+            msg = upload(client, tmp_path, "big", big)
+        except Exception as e:      # Gradio itself refuses files over max_file_size
+            msg = str(e)
+        assert "exceeds the maximum file size of 1048576 bytes" in msg, msg
+        assert "big" not in srv.state.engine.store
+    finally:
+        srv.stop()
+
+
+def test_server_side_upload_limit_names_the_size(default_loaded, tmp_path):
+    from app.uploads import register_upload
+    from punica_core import AdapterError
+    engine = Engine(EngineConfig(kv_cache_gb=0.01), loaded=default_loaded)
+    big = tmp_path / "big.zip"
+    big.write_bytes(b"\0" * (2 << 20))
+    with pytest.raises(AdapterError, match="over the 1 MB upload limit"):
+        register_upload(engine, "big", [str(big)], tmp_path / "store", max_mb=1)
+    assert not (tmp_path / "store").exists()
+    engine.close()
