@@ -53,13 +53,13 @@ def tokens_per_second(engine: Engine, window_s: float = 5.0) -> float:
 def memory_breakdown(engine: Engine) -> pd.DataFrame:
     m = engine.memory()
     rows = [{"part": "weights", "MiB": m["weights"] / MIB},
-            {"part": "KV cache (in use)", "MiB": m["kv_cache_used"] / MIB},
-            {"part": "KV cache (reserved)", "MiB": (m["kv_cache"] - m["kv_cache_used"]) / MIB},
-            {"part": "adapter slots", "MiB": m["adapters"] / MIB}]
+            {"part": "KV used", "MiB": m["kv_cache_used"] / MIB},
+            {"part": "KV free", "MiB": (m["kv_cache"] - m["kv_cache_used"]) / MIB},
+            {"part": "adapters", "MiB": m["adapters"] / MIB}]
     if m["device"] == "cuda":
-        rows.append({"part": "GPU allocated (all)", "MiB": m["device_allocated"] / MIB})
+        rows.append({"part": "GPU total", "MiB": m["device_allocated"] / MIB})
     else:
-        rows.append({"part": "process RSS (all)", "MiB": m["process_rss"] / MIB})
+        rows.append({"part": "process", "MiB": m["process_rss"] / MIB})
     return pd.DataFrame(rows)
 
 

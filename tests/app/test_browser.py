@@ -1,0 +1,92 @@
+"""The playground in headless Chromium (Debian's, driven by Playwright): pick an adapter, chat,
+watch the answer stream and the panels update, upload a good and a bad adapter."""
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(live_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (.ci/install_browser.sh installs it)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1100})
+        pg.goto(live_server.url + "/")
+        pg.wait_for_selector("#message textarea", timeout=60_000)
+        yield pg
+        browser.close()
+
+
+def test_chat_streams_with_an_adapter_and_panels_update(page, live_server):
+    page.click("#adapter input")
+    page.get_by_role("option", name="r8_all").click()
+    page.fill("#message textarea", "Tell me about the sea.")
+    page.keyboard.press("Enter")
+    bot = page.locator("#chatbot .message.bot, #chatbot .bot").last
+    bot.wait_for(timeout=30_000)
+    lengths = []
+    for _ in range(40):                 # the answer grows while it streams
+        lengths.append(len(bot.inner_text()))
+        if len(set(lengths)) >= 3:
+            break
+        page.wait_for_timeout(150)
+    assert len(set(lengths)) >= 3, f"no streaming seen: {lengths}"
+    page.screenshot(path=str(ARTIFACTS / "chat_streaming.png"), full_page=True)
+    status = page.locator("#engine-status")
+    page.wait_for_function(
+        "() => document.querySelector('#engine-status').innerText.includes('running 1')",
+        timeout=10_000)
+    aborts = live_server.state.engine.metrics.finished_by_reason["abort"]
+    page.click("#stop")                 # cancels the request inside the engine
+    page.wait_for_function(
+        "() => document.querySelector('#engine-status').innerText.includes('running 0')",
+        timeout=15_000)
+    assert live_server.state.engine.metrics.finished_by_reason["abort"] == aborts + 1
+    assert bot.inner_text().strip()
+    page.screenshot(path=str(ARTIFACTS / "chat_done_panels.png"), full_page=True)
+
+
+def upload(page, name, paths):
+    page.get_by_role("tab", name="Adapters").click()
+    page.fill("#upload-name textarea, #upload-name input", name)
+    page.set_input_files("#upload-files input[type=file]", [str(p) for p in paths])
+    page.wait_for_timeout(1000)
+    page.click("#upload")
+    status = page.locator("#adapter-status")
+    page.wait_for_function(
+        "() => /refused|registered/.test(document.querySelector('#adapter-status').innerText)",
+        timeout=30_000)
+    return status.inner_text()
+
+
+def test_upload_good_and_bad_adapters(page, live_server, parity_adapters, tmp_path):
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        for f in Path(parity_adapters["r4_qv"]).iterdir():
+            z.write(f, f.name)
+    msg = upload(page, "browser_upload", [good])
+    assert "registered" in msg and "browser_upload" in live_server.state.engine.store
+    page.screenshot(path=str(ARTIFACTS / "upload_good.png"), full_page=True)
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(parity_adapters["r4_qv"], bad_dir)
+    (bad_dir / "adapter_model.safetensors").unlink()
+    (bad_dir / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        for f in bad_dir.iterdir():
+            z.write(f, f.name)
+    page.fill("#upload-name textarea, #upload-name input", "")
+    msg = upload(page, "browser_bad", [bad])
+    assert "refused" in msg and "pickled weights are never loaded" in msg
+    page.screenshot(path=str(ARTIFACTS / "upload_bad.png"), full_page=True)
