@@ -121,11 +121,12 @@ def build_playground(state: ServerState) -> gr.Blocks:
             raise gr.Error("Uploads are disabled on this server (--no-upload).")
         paths = [f if isinstance(f, str) else f.name for f in (files or [])]
         try:
-            msg = register_upload(engine, name, paths, state.upload_dir,
-                                  state.config.max_upload_mb)
+            msg = "✅ " + register_upload(engine, name, paths, state.upload_dir,
+                                         state.config.max_upload_mb)
         except PunicaError as e:
-            return f"❌ refused: {e}", panels.adapters_table(engine), *refresh_dropdowns()
-        return f"✅ {msg}", panels.adapters_table(engine), *refresh_dropdowns()
+            msg = f"❌ refused: {e}"
+        # the file box is emptied either way, so the next upload never reuses these files
+        return msg, None, panels.adapters_table(engine), *refresh_dropdowns()
 
     def unload(name: str):
         try:
@@ -222,8 +223,8 @@ def build_playground(state: ServerState) -> gr.Blocks:
         crun.click(compare, [cprompt, csystem, cmax, *picks], couts, concurrency_limit=None,
                    api_name="compare")
         dd_outputs = [adapter, un_name, *picks]
-        up_btn.click(upload, [up_name, up_files], [adapter_status, table, *dd_outputs],
-                     api_name="upload")
+        up_btn.click(upload, [up_name, up_files],
+                     [adapter_status, up_files, table, *dd_outputs], api_name="upload")
         un_btn.click(unload, [un_name], [adapter_status, table, *dd_outputs], api_name="unload")
         adapter.focus(lambda: gr.update(choices=adapter_choices(state)), None, adapter,
                       queue=False)

@@ -25,6 +25,9 @@ def register_upload(engine: Engine, name: str, files: list[str], upload_dir: Pat
                                "upload limit")
         blobs[p.name] = p.read_bytes()
     zips = [n for n in blobs if n.endswith(".zip")]
+    if len(zips) > 1 or (zips and len(blobs) > 1):
+        raise AdapterError(f"{', '.join(blobs)}: upload one .zip at a time, or the two PEFT "
+                           "files without a zip")
     if not zips and not any(n.endswith((".json", ".safetensors", ".bin", ".pt")) for n in blobs):
         raise AdapterError(f"{', '.join(blobs)}: not an adapter (upload a .zip of a PEFT "
                            "folder, or adapter_config.json + adapter_model.safetensors)")

@@ -93,6 +93,8 @@ def test_uploads_good_and_bad(live_server, client, parity_adapters, tmp_path):
     src = parity_adapters["r4_qv"]
     good = {n: (src / n).read_bytes() for n in ("adapter_config.json",
                                                  "adapter_model.safetensors")}
+    two = upload(client, tmp_path, "two", {"a.zip": zip_bytes(good), "b.zip": zip_bytes(good)})
+    assert "one .zip at a time" in two
     status = upload(client, tmp_path, "uploaded_zip", {"peft.zip": zip_bytes(good)})
     assert status.startswith("✅") and "uploaded_zip" in live_server.state.engine.store
     status = upload(client, tmp_path, "uploaded_pair", good)
