@@ -311,7 +311,10 @@ class CompareWidget(W.VBox):
         self.batch_html.value = render_batch(steps, colors, title="Engine steps of this run")
         result = CompareResult(prompt_ids, params, columns, steps)
         if result.ok:
-            self._status(f"done: {len(columns)} columns, {len(steps)} engine steps, "
+            wall = max(c.seconds for c in columns) or float("inf")
+            total = sum(c.num_tokens for c in columns)
+            self._status(f"done: {len(columns)} columns, {total} tokens in {wall:.1f} s "
+                         f"({total / wall:.1f} tok/s together), {len(steps)} engine steps, "
                          f"{result.shared_steps} of them with every column in the batch")
         else:
             errs = "; ".join(f"{c.label}: {c.error}" for c in columns if c.error)
