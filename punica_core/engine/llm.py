@@ -19,6 +19,14 @@ class LLM:
     >>> outs[0].text, outs[0].token_ids
     """
 
+    def __new__(cls, *args, engines: int | None = None, cluster=None, **kwargs):
+        """LLM(model, engines=N) (or cluster=ClusterConfig(...)): the same API over N engines
+        on Ray, routed by Punica's scheduler (punica_core.cluster.ClusterLLM)."""
+        if cls is LLM and (engines is not None or cluster is not None):
+            from ..cluster.llm import ClusterLLM
+            return super().__new__(ClusterLLM)
+        return super().__new__(cls)
+
     def __init__(self, model: str = "default", config: EngineConfig | None = None,
                  engine: Engine | None = None, **overrides):
         if engine is None:
