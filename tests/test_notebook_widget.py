@@ -1,6 +1,8 @@
 """The notebook widgets driven from Python (no browser): CompareWidget and AdapterLoader."""
 import datetime
 import json
+import re
+import time
 
 import pytest
 
@@ -124,3 +126,24 @@ def test_loader_upload(llm, parity_adapters):
     assert info is not None and info.rank == 4 and loader.upload.value == ()
     assert "up" in {i.name for i in llm.list_adapters()}
     llm.unload_adapter("up")
+
+
+def test_stop_cancels_every_column(llm):
+    w = CompareWidget(llm, adapters=["r4_qv", None], prompt=PROMPT, max_tokens=400)
+    w.temperature_box.value = 0.0
+    w.run_button.click()
+    for _ in range(600):                    # wait until tokens flow, then press Stop
+        if all(re.search(r">[1-9]\d* tokens", c.stats.value) for c in w._columns):
+            break
+        w.wait(timeout=0.05)
+    w.stop_button.click()
+    res = w.wait(timeout=120)
+    assert res is not None
+    assert all(c.finish_reason in ("abort", "stop") for c in res.columns)
+    assert any(c.finish_reason == "abort" for c in res.columns)
+    assert w.run_button.disabled is False
+    for _ in range(100):                    # the aborted requests leave the engine
+        if not llm.engine.scheduler.running:
+            break
+        time.sleep(0.05)
+    assert not llm.engine.scheduler.running
