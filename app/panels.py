@@ -1,6 +1,7 @@
-"""Data for the playground's live panels, computed from the engine's step records.
+"""Data for the playground's live panels, computed from snapshots of the engine's step records.
 
-Pure functions over snapshots, so they are testable without a browser."""
+Pure functions of the engine's read-only views (never touching the decode loop), so they are
+testable without a browser. Each returns a small pandas DataFrame for one plot, or text."""
 from __future__ import annotations
 
 import time
@@ -10,38 +11,73 @@ import pandas as pd
 from punica_core import Engine
 
 MIB = 2**20
+STEPS_SHOWN = 40            # batch composition: the last this-many steps
+HORIZON_S = 60.0            # time plots: the last minute, one point per second
 
 
-def batch_composition(engine: Engine, window_s: float = 2.0) -> pd.DataFrame:
-    """Token rows per adapter in the last few steps, split into prefill and decode."""
-    steps = [s for s in engine.metrics.recent(64) if s.time >= time.time() - window_s]
+def _steps(engine: Engine, n: int = STEPS_SHOWN):
+    steps = engine.metrics.recent(n)
+    return steps, (steps[-1].time if steps else time.time())
+
+
+def batch_by_adapter(engine: Engine) -> pd.DataFrame:
+    """Token rows per adapter in each of the last steps (stacked bars; 0 = latest step)."""
+    steps, _ = _steps(engine)
+    rows = [{"step": i - len(steps) + 1, "rows": n, "adapter": a}
+            for i, s in enumerate(steps) for a, n in sorted(s.rows_per_adapter.items())]
+    return pd.DataFrame(rows or [{"step": 0, "rows": 0, "adapter": "base"}])
+
+
+def batch_by_phase(engine: Engine) -> pd.DataFrame:
+    """Prefill tokens vs decode rows in each of the last steps (stacked bars)."""
+    steps, _ = _steps(engine)
     rows = []
-    if steps:
-        last = steps[-1]
-        for adapter, n in sorted(last.rows_per_adapter.items()):
-            rows.append({"adapter": adapter, "rows": n, "kind": "rows in last step"})
-    if not rows:
-        rows = [{"adapter": "(idle)", "rows": 0, "kind": "rows in last step"}]
-    return pd.DataFrame(rows)
+    for i, s in enumerate(steps):
+        rows.append({"step": i - len(steps) + 1, "rows": s.prefill_tokens, "phase": "prefill"})
+        rows.append({"step": i - len(steps) + 1, "rows": s.decode_rows, "phase": "decode"})
+    return pd.DataFrame(rows or [{"step": 0, "rows": 0, "phase": "decode"}])
 
 
-def latency_over_time(engine: Engine, bucket_s: float = 1.0, horizon_s: float = 60.0
-                      ) -> pd.DataFrame:
-    """Per-token latency (decode step time) p50 and p99 per second, over the last minute."""
+def _per_second(engine: Engine, horizon_s: float = HORIZON_S):
+    """Step records of the last minute grouped by whole seconds ago (0 = this second)."""
     now = time.time()
-    steps = [s for s in engine.metrics.recent() if s.decode_rows and s.time >= now - horizon_s]
-    buckets: dict[int, list[float]] = {}
-    for s in steps:
-        buckets.setdefault(int((s.time - now) // bucket_s), []).append(s.duration_s * 1e3)
+    buckets: dict[int, list] = {}
+    for s in engine.metrics.recent():
+        if s.time >= now - horizon_s:
+            buckets.setdefault(int(now - s.time), []).append(s)
+    return buckets
+
+
+def latency_over_time(engine: Engine) -> pd.DataFrame:
+    """Per-token latency: the duration of steps that decode (each gives every decoding request
+    one token), p50 and p99 per second."""
     rows = []
-    for b, xs in sorted(buckets.items()):
-        xs.sort()
-        for q, name in ((0.5, "p50"), (0.99, "p99")):
-            rows.append({"seconds ago": -b * bucket_s, "ms per token": xs[int(q * (len(xs) - 1))],
-                         "quantile": name})
-    if not rows:
-        rows = [{"seconds ago": 0.0, "ms per token": 0.0, "quantile": "p50"}]
+    for ago, steps in sorted(_per_second(engine).items()):
+        xs = sorted(s.duration_s * 1e3 for s in steps if s.decode_rows)
+        if xs:
+            for q, name in ((0.5, "p50"), (0.99, "p99")):
+                rows.append({"seconds ago": -ago, "ms per token":
+                             round(xs[round(q * (len(xs) - 1))], 2), "quantile": name})
+    return pd.DataFrame(rows or [{"seconds ago": 0, "ms per token": 0.0, "quantile": "p50"}])
+
+
+def throughput_over_time(engine: Engine) -> pd.DataFrame:
+    """Tokens sampled per second, for each of the last 60 seconds (idle seconds are 0)."""
+    buckets = _per_second(engine)
+    rows = [{"seconds ago": -ago, "tokens/s": sum(s.tokens_sampled for s in buckets.get(ago, []))}
+            for ago in range(int(HORIZON_S), 0, -1)]
     return pd.DataFrame(rows)
+
+
+def queue_over_time(engine: Engine) -> pd.DataFrame:
+    """Requests waiting and running (the max seen in each second)."""
+    rows = []
+    for ago, steps in sorted(_per_second(engine).items()):
+        rows.append({"seconds ago": -ago, "requests": max(s.queue_depth for s in steps),
+                     "state": "waiting"})
+        rows.append({"seconds ago": -ago, "requests": max(s.running for s in steps),
+                     "state": "running"})
+    return pd.DataFrame(rows or [{"seconds ago": 0, "requests": 0, "state": "waiting"}])
 
 
 def tokens_per_second(engine: Engine, window_s: float = 5.0) -> float:
@@ -51,27 +87,42 @@ def tokens_per_second(engine: Engine, window_s: float = 5.0) -> float:
 
 
 def memory_breakdown(engine: Engine) -> pd.DataFrame:
+    """Bytes the engine holds (weights / KV cache used and free / adapter slots) beside the
+    whole: GPU memory allocated on a GPU, the process's resident memory on CPU."""
     m = engine.memory()
-    rows = [{"part": "weights", "MiB": m["weights"] / MIB},
-            {"part": "KV used", "MiB": m["kv_cache_used"] / MIB},
-            {"part": "KV free", "MiB": (m["kv_cache"] - m["kv_cache_used"]) / MIB},
-            {"part": "adapters", "MiB": m["adapters"] / MIB}]
-    if m["device"] == "cuda":
-        rows.append({"part": "GPU total", "MiB": m["device_allocated"] / MIB})
-    else:
-        rows.append({"part": "process", "MiB": m["process_rss"] / MIB})
-    return pd.DataFrame(rows)
+    whole = ("GPU allocated", m["device_allocated"]) if m["device"] == "cuda" \
+        else ("process RSS", m["process_rss"])
+    parts = [("engine", "weights", m["weights"]), ("engine", "KV cache used", m["kv_cache_used"]),
+             ("engine", "KV cache free", m["kv_cache"] - m["kv_cache_used"]),
+             ("engine", "adapter slots", m["adapters"]), (whole[0], whole[0], whole[1])]
+    return pd.DataFrame([{"memory": x, "MiB": round(b / MIB, 1), "part": p}
+                         for x, p, b in parts])
+
+
+def slots_table(engine: Engine) -> pd.DataFrame:
+    """The adapter slots on the device: who is resident, loading, in use."""
+    snap = engine.pool.snapshot()
+    rows = []
+    for name in snap["resident"]:
+        state = "loading" if name in snap["loading"] else "resident"
+        rows.append({"adapter": name, "state": state, "running": snap["in_use"].get(name, 0)})
+    rows += [{"adapter": "—", "state": "free", "running": 0}] * (snap["slots"] - len(rows))
+    return pd.DataFrame(rows, columns=["adapter", "state", "running"])
 
 
 def status_markdown(engine: Engine) -> str:
     st = engine.status()
     slots = st["slots"]
+    last = engine.metrics.recent(1)
+    busy = last and last[0].time >= time.time() - 2.0
+    batch = (f"{last[0].prefill_tokens} prefill + {last[0].decode_rows} decode rows, "
+             f"{len(last[0].rows_per_adapter)} adapter(s)") if busy else "idle"
     return (f"**queue** {st['waiting']} waiting · **running** {st['running']} · "
-            f"**tokens/s** {tokens_per_second(engine):.1f} · "
+            f"**batch** {batch} · **tokens/s** {tokens_per_second(engine):.1f} · "
             f"**KV blocks** {st['kv_blocks_used']}/{st['kv_blocks_total']} · "
             f"**adapter slots** {len(slots['resident'])}/{slots['slots']} resident, "
-            f"{len(slots['loading'])} loading, {slots['evictions']} evicted · "
-            f"**preemptions** {st['preemptions']}")
+            f"{len(slots['loading'])} loading, {slots['evictions']} evicted, "
+            f"{slots['loads']} loads · **preemptions** {st['preemptions']}")
 
 
 def adapters_table(engine: Engine) -> pd.DataFrame:

@@ -25,7 +25,7 @@ def chat_args(adapter, text=QUESTION, max_tokens=24):
 
 
 def answer(history) -> str:
-    from app.playground import text_of
+    from app.playground_chat import text_of
     return text_of(history[-1]["content"])
 
 
@@ -56,18 +56,78 @@ def test_stream_yields_partial_answers(client):
     assert len(seen) >= 3 and all(seen[-1].startswith(s) for s in seen if s)
 
 
-def test_compare_streams_side_by_side(live_server, client):
+def test_compare_streams_side_by_side_in_one_batch(live_server, client):
+    before = len(live_server.state.engine.metrics.steps)
     out = client.predict("Say hi.", "", 16, "r4_qv", "base model, no adapter", "(none)",
-                         "(none)", api_name="/compare")
-    assert out[0] and out[1] and out[0] != out[1] and out[2] == "" and out[3] == ""
+                         "r64_attn", api_name="/compare")
+    assert out[0] and out[1] and out[3] and out[0] != out[1] and out[2] == ""
+    steps = list(live_server.state.engine.metrics.steps)[before:]
+    assert any({"r4_qv", "r64_attn", "base"} <= set(s.rows_per_adapter) for s in steps)
 
 
-def test_bad_chat_inputs_show_clear_messages(live_server, client):
+def wait_for(cond, timeout=15.0):
+    import time
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_stop_cancels_the_request_inside_the_engine(live_server, client):
+    engine = live_server.state.engine
+    aborted = engine.metrics.finished_by_reason["abort"]
+    job = client.submit(*chat_args("r4_qv", max_tokens=400), api_name="/chat")
+    assert wait_for(lambda: engine.status()["running"] == 1)
+    assert wait_for(lambda: len(job.outputs()) >= 2)     # it streams ...
+    job.cancel()                                          # ... then Stop
+    assert wait_for(lambda: engine.metrics.finished_by_reason["abort"] == aborted + 1)
+    assert wait_for(lambda: engine.status()["running"] == 0
+                    and engine.kv.allocator.num_used == 0)
+
+
+def test_bad_chat_inputs_show_clear_messages(live_server, client, parity_adapters):
+    from gradio_client.exceptions import AppError
+    for call in (lambda: client.predict("   ", [], api_name="/add_message"),
+                 lambda: client.predict(*chat_args(None, " "), api_name="/chat")):
+        with pytest.raises(AppError, match="the message is empty"):
+            call()
     too_long = "word " * 9000
     assert "context" in answer(client.predict(*chat_args(None, too_long), api_name="/chat"))
-    removed = answer(client.predict(*chat_args("gone-adapter"), api_name="/chat"))
-    assert "unknown adapter 'gone-adapter'" in removed
-    assert live_server.state.engine.kv.allocator.num_used == 0
+    engine = live_server.state.engine       # an adapter removed after the user picked it
+    engine.register_adapter("short_lived", parity_adapters["r4_qv"])
+    status, *_ = client.predict("short_lived", api_name="/unload")
+    assert "unloaded" in status
+    removed = answer(client.predict(*chat_args("short_lived"), api_name="/chat"))
+    assert removed.startswith("⚠️") and "unknown adapter 'short_lived'" in removed
+    assert engine.kv.allocator.num_used == 0
+
+
+def test_a_refused_turn_does_not_poison_the_conversation(client):
+    history = [{"role": "user", "content": [{"type": "text", "text": "word " * 9000}]}]
+    history = client.predict(history, None, "", 0.0, 1.0, 8, api_name="/chat")
+    assert answer(history).startswith("⚠️")
+    history = history + [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]
+    history = client.predict(history, None, "", 0.0, 1.0, 8, api_name="/chat")
+    assert answer(history) and not answer(history).startswith("⚠️")
+
+
+def test_panels_show_the_engine(live_server, client):
+    from app import panels
+    engine = live_server.state.engine
+    client.predict(*chat_args("r8_all", max_tokens=4), api_name="/chat")
+    by_adapter = panels.batch_by_adapter(engine)
+    assert len(by_adapter) and set(by_adapter.columns) == {"step", "rows", "adapter"}
+    phase = panels.batch_by_phase(engine)
+    assert set(phase["phase"]) == {"prefill", "decode"} and phase["rows"].sum() > 0
+    mem = panels.memory_breakdown(engine).set_index("part")["MiB"]
+    assert mem["weights"] > 100 and mem["process RSS"] > mem["weights"]
+    assert len(panels.slots_table(engine)) == engine.pool.num_slots
+    assert "queue" in panels.status_markdown(engine)
+    for df in (panels.latency_over_time(engine), panels.throughput_over_time(engine),
+               panels.queue_over_time(engine)):
+        assert len(df)
 
 
 def zip_bytes(files: dict) -> bytes:
@@ -149,7 +209,7 @@ def test_oversized_upload_is_refused(default_loaded, tmp_path_factory, parity_ad
 
 
 def test_server_side_upload_limit_names_the_size(default_loaded, tmp_path):
-    from app.uploads import register_upload
+    from app.playground_uploads import register_upload
     from punica_core import AdapterError
     engine = Engine(EngineConfig(kv_cache_gb=0.01), loaded=default_loaded)
     big = tmp_path / "big.zip"
