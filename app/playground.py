@@ -36,7 +36,8 @@ def build_playground(state: ServerState) -> gr.Blocks:
                                          state.config.max_upload_mb)
         except PunicaError as e:
             msg = f"❌ refused: {e}"
-        return msg, panels.adapters_table(engine), *dropdown_updates()
+        # the file box is emptied either way, so the next upload never reuses these files
+        return msg, None, panels.adapters_table(engine), *dropdown_updates()
 
     def unload(name: str):
         try:
@@ -89,7 +90,8 @@ def build_playground(state: ServerState) -> gr.Blocks:
             crun = gr.Button("Run side by side (one batch)", variant="primary",
                              elem_id="compare-run")
             with gr.Row():
-                couts = [gr.Textbox(label=f"answer {i + 1}", lines=10, interactive=False)
+                couts = [gr.Textbox(label=f"answer {i + 1}", lines=10, interactive=False,
+                                    elem_id=f"compare-answer-{i + 1}")
                          for i in range(MAX_COMPARE)]
         with gr.Tab("Adapters") as adapters_tab:
             table = gr.Dataframe(panels.adapters_table(engine), label="registered adapters",
@@ -148,8 +150,8 @@ def build_playground(state: ServerState) -> gr.Blocks:
         crun.click(make_compare(state), [cprompt, csystem, cmax, *picks], couts,
                    concurrency_limit=None, api_name="compare")
         dropdowns = [adapter, un_name, *picks]
-        up_btn.click(upload, [up_name, up_files], [adapter_status, table, *dropdowns],
-                     api_name="upload")
+        up_btn.click(upload, [up_name, up_files],
+                     [adapter_status, up_files, table, *dropdowns], api_name="upload")
         un_btn.click(unload, [un_name], [adapter_status, table, *dropdowns], api_name="unload")
         adapters_tab.select(lambda: panels.adapters_table(engine), None, table, queue=False,
                             api_name=False)

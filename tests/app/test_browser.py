@@ -28,7 +28,13 @@ def page(live_server):
         browser.close()
 
 
-def test_chat_streams_with_an_adapter_and_panels_update(page, live_server):
+def engine_status(page) -> str:
+    return page.locator("#engine-status").inner_text()
+
+
+def test_chat_streams_with_an_adapter_and_panels_update_then_stop(page, live_server):
+    engine = live_server.state.engine
+    aborted = engine.metrics.finished_by_reason["abort"]
     page.click("#adapter input")
     page.get_by_role("option", name="r8_all").click()
     page.fill("#message textarea", "Tell me about the sea.")
@@ -42,19 +48,31 @@ def test_chat_streams_with_an_adapter_and_panels_update(page, live_server):
             break
         page.wait_for_timeout(150)
     assert len(set(lengths)) >= 3, f"no streaming seen: {lengths}"
+    # the live panels follow the engine: one running request, a batch with the adapter
+    page.wait_for_function("() => document.querySelector('#engine-status')"
+                           ".innerText.includes('running 1')", timeout=10_000)
+    page.wait_for_timeout(1500)
+    assert "running 1" in engine_status(page) and "decode rows" in engine_status(page)
     page.screenshot(path=str(ARTIFACTS / "chat_streaming.png"), full_page=True)
-    status = page.locator("#engine-status")
-    page.wait_for_function(
-        "() => document.querySelector('#engine-status').innerText.includes('running 1')",
-        timeout=10_000)
-    aborts = live_server.state.engine.metrics.finished_by_reason["abort"]
-    page.click("#stop")                 # cancels the request inside the engine
-    page.wait_for_function(
-        "() => document.querySelector('#engine-status').innerText.includes('running 0')",
-        timeout=15_000)
-    assert live_server.state.engine.metrics.finished_by_reason["abort"] == aborts + 1
-    assert bot.inner_text().strip()
-    page.screenshot(path=str(ARTIFACTS / "chat_done_panels.png"), full_page=True)
+    page.click("#stop")                 # cancels the event: the engine aborts the request
+    page.wait_for_function("() => document.querySelector('#engine-status')"
+                           ".innerText.includes('running 0')", timeout=10_000)
+    assert engine.metrics.finished_by_reason["abort"] == aborted + 1
+    stopped = len(bot.inner_text())
+    page.wait_for_timeout(2500)         # panels keep refreshing; the answer no longer grows
+    assert len(bot.inner_text()) == stopped and stopped > 0
+    assert "idle" in engine_status(page)
+    page.screenshot(path=str(ARTIFACTS / "chat_stopped_panels.png"), full_page=True)
+
+
+def test_compare_side_by_side(page):
+    page.get_by_role("tab", name="Compare").click()
+    page.fill("#compare-prompt textarea", "Say hi.")
+    page.click("#compare-run")
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')]"
+                           ".filter(t => t.closest('[id^=compare-answer]') && t.value)"
+                           ".length >= 2", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
 
 def upload(page, name, paths):
