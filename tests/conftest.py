@@ -65,11 +65,3 @@ def make_engine(default_loaded):
     yield make
     for e in made:
         e.close()
-
-
-def run_to_completion(engine, max_steps=10_000):
-    for _ in range(max_steps):
-        if not engine.has_work():
-            return
-        engine.step()
-    raise AssertionError("engine did not finish")

@@ -9,3 +9,11 @@ PARITY_MIX = {
     "r16_mlp_rs": (16, ["gate_proj", "up_proj", "down_proj"], True),
     "r64_attn": (64, ["q_proj", "k_proj", "v_proj", "o_proj"], False),
 }
+
+
+def run_to_completion(engine, max_steps=10_000):
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")

@@ -5,7 +5,6 @@ it is available, and the torch reference otherwise. See torch_ref.py for the lay
 """
 from __future__ import annotations
 
-import torch
 
 from . import torch_ref
 from .backend import cuda_ops

@@ -1,7 +1,7 @@
 """Slot pool: LRU eviction, slots in use never evicted; store: host cache reload off-thread."""
 import pytest
 
-from conftest import run_to_completion
+from helpers import run_to_completion
 from punica_core import AdapterInUseError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

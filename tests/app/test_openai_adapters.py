@@ -4,22 +4,11 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
-import types
 import zipfile
 
 import httpx
 import pytest
-
-try:
-    import app.playground  # noqa: F401
-except ModuleNotFoundError as _e:       # until the playground lands: the API alone
-    if _e.name != "app.playground":
-        raise
-    _stub = types.ModuleType("app.playground")
-    _stub.mount_playground = lambda app, state: app
-    sys.modules["app.playground"] = _stub
 
 openai = pytest.importorskip("openai")
 

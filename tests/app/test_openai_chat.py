@@ -2,19 +2,8 @@
 completions, streaming and not, n / seed / stop / usage, and four clients with four adapters
 at once whose answers equal the engine's own greedy generation."""
 import asyncio
-import sys
-import types
 
 import pytest
-
-try:
-    import app.playground  # noqa: F401
-except ModuleNotFoundError as _e:       # until the playground lands: the API alone
-    if _e.name != "app.playground":
-        raise
-    _stub = types.ModuleType("app.playground")
-    _stub.mount_playground = lambda app, state: app
-    sys.modules["app.playground"] = _stub
 
 openai = pytest.importorskip("openai")
 

@@ -1,22 +1,10 @@
 """Errors in OpenAI's shape (401, 400, 404, 413, 429), /metrics and /health, and a client that
 disconnects mid-stream: its request is aborted and its KV blocks freed within a few steps."""
-import importlib.util
-import sys
 import time
-import types
-from pathlib import Path
 
 import httpx
 import pytest
-
-try:
-    import app.playground  # noqa: F401
-except ModuleNotFoundError as _e:       # until the playground lands: the API alone
-    if _e.name != "app.playground":
-        raise
-    _stub = types.ModuleType("app.playground")
-    _stub.mount_playground = lambda app, state: app
-    sys.modules["app.playground"] = _stub
+from live_server import start_server
 
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -27,18 +15,10 @@ KEY = "sekret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _app_conftest():
-    spec = importlib.util.spec_from_file_location("tests_app_conftest",
-                                                  Path(__file__).with_name("conftest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def strict(default_loaded, tmp_path_factory, parity_adapters):
     """A server with an API key, a queue of one, one running request at a time, 1 MB uploads."""
-    srv = _app_conftest().start_server(
+    srv = start_server(
         default_loaded, tmp_path_factory, {"r4_qv": parity_adapters["r4_qv"]},
         api_key=KEY, max_waiting=1, max_batch=1, max_upload_mb=1)
     yield srv

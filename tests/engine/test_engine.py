@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from conftest import run_to_completion
+from helpers import run_to_completion
 from punica_core import (AsyncEngine, InvalidRequestError, PromptTooLongError, QueueFullError,
                          SamplingParams, UnknownAdapterError)
 

@@ -1,7 +1,7 @@
 """The batched multi-adapter engine against Hugging Face transformers + PEFT (fp32, CPU)."""
 import torch
 
-from conftest import run_to_completion
+from helpers import run_to_completion
 from punica_core import SamplingParams
 
 PROMPTS = ["The capital of France is", "Write a haiku about rain:",

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import run_to_completion
+from helpers import run_to_completion
 from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.model.config import ModelConfig
 from punica_core.model.loader import load_model

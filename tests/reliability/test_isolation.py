@@ -1,5 +1,5 @@
 """One request's failure never stops another's stream."""
-from conftest import run_to_completion
+from helpers import run_to_completion
 from punica_core import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
