@@ -1,0 +1,74 @@
+// The interface between the torch registration (sgmv_ops.cpp) and the kernels (sgmv_*.cu).
+// Plain structs of pointers and sizes: the .cu files never see a torch header.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace punica {
+
+constexpr int kMaxRank = 128;         // largest rank the kernels support
+constexpr int kMaxSegments = 8192;    // the per-CTA work list lives in shared memory
+
+enum class DType { kHalf, kBFloat16 };
+
+// Which kernel family runs: chosen by the op from rows per segment, or forced (tests, benchmarks).
+enum class Path { kAuto = 0, kSimt = 1, kMma = 2 };
+
+struct SegmentArgs {
+  const int32_t* seg_indptr;  // [num_seg + 1]
+  const int32_t* slot_ids;    // [num_seg], -1 = no adapter
+  const int32_t* ranks;       // [num_slots]
+  int num_seg;
+  int num_slots;
+  int num_rows;               // rows of x / v / y
+  int max_rank;               // a.size(2) == b.size(2): stored rank rows per slot
+};
+
+// v[rows, :r] = x[rows] @ w[slot, :r].T   (w = a[:, layer])
+struct ShrinkParams {
+  SegmentArgs seg;
+  void* v;
+  int64_t v_stride;           // elements between rows of v
+  const void* x;
+  int64_t x_stride;
+  const void* w;              // &a[0, layer, 0, 0]
+  int64_t w_slot_stride;      // layers * max_rank * in_features
+  int in_features;
+  float* ws;                  // split-K workspace [num_rows, ws_stride] fp32 (MMA path), or null
+  int64_t ws_stride;
+  int ksplit;
+};
+
+// y[rows, col_offset + c] += v[rows, :r] @ w[slot, :r, c]   (w = b[:, layer])
+struct ExpandParams {
+  SegmentArgs seg;
+  void* y;
+  int64_t y_stride;
+  int64_t col_offset;
+  const void* v;
+  int64_t v_stride;
+  const void* w;              // &b[0, layer, 0, 0]
+  int64_t w_slot_stride;      // layers * max_rank * out_features
+  int out_features;
+};
+
+struct LaunchOptions {
+  cudaStream_t stream;
+  int num_sms;
+  bool vec;                   // every row start and size allows 16-byte accesses
+  bool pdl;                   // programmatic dependent launch (sm_90)
+};
+
+// Memory-bound (decode) kernels: CUDA cores, 16-byte loads, many CTAs per adapter.
+cudaError_t shrink_simt(DType dt, const ShrinkParams& p, const LaunchOptions& o);
+cudaError_t expand_simt(DType dt, const ExpandParams& p, const LaunchOptions& o);
+
+// Compute-bound (prefill) kernels: tensor cores (mma.sync), cp.async pipelines. Need o.vec.
+// shrink_mma with p.ksplit > 1 accumulates into p.ws (zeroed by the caller) and then writes v.
+int shrink_mma_ksplit(int num_rows, int in_features, int num_sms);
+cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o);
+cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
+
+}  // namespace punica

@@ -1,0 +1,269 @@
+// Shared pieces of the SGMV kernels: element types, 16-byte loads, segment metadata, the
+// per-CTA work list, programmatic dependent launch (PDL) and tensor-core helpers.
+// Pure CUDA (no torch headers), so the .cu files compile quickly.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "sgmv.h"
+
+namespace punica {
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions (fp32 accumulation everywhere).
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+
+template <typename T> struct Pair;
+template <> struct Pair<__half> { using type = __half2; };
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Eight elements (16 bytes) as floats.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
+  using T2 = typename Pair<T>::type;
+  const T2* p = reinterpret_cast<const T2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = to_float2(p[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&in)[8]) {
+  uint4 raw;
+  T* p = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) p[i] = from_float<T>(in[i]);
+  return raw;
+}
+
+// Loads 8 consecutive elements. VEC: one 16-byte read-only load (the caller guarantees 16-byte
+// alignment and that all 8 are in range). Otherwise element loads of the first `n_valid`
+// elements, zeros past them (the path for sizes that are not multiples of 8).
+template <typename T, bool VEC>
+__device__ __forceinline__ uint4 load8(const T* p, int n_valid) {
+  if constexpr (VEC) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  } else {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < n_valid) e[i] = p[i];
+    return raw;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segments. Every value read from the metadata tensors is clamped, so that a bad slot id, rank
+// or indptr can make the result wrong but can never make a kernel read or write out of bounds.
+struct Segment {
+  int start, end, slot, rank;
+  __device__ __forceinline__ bool active() const { return rank > 0 && end > start; }
+};
+
+__device__ __forceinline__ Segment load_segment(const SegmentArgs& a, int s) {
+  Segment g;
+  g.start = min(max(a.seg_indptr[s], 0), a.num_rows);
+  g.end = min(max(a.seg_indptr[s + 1], g.start), a.num_rows);
+  g.slot = a.slot_ids[s];
+  g.rank = 0;
+  if (g.slot >= 0 && g.slot < a.num_slots) g.rank = min(max(a.ranks[g.slot], 0), a.max_rank);
+  if (g.end <= g.start) g.rank = 0;
+  return g;
+}
+
+// Every CTA builds the same work list in shared memory: prefix[s] = first work item of segment
+// s, prefix[num_seg] = total. The number of items per segment depends on its rank and length,
+// which live on the device: computing the list here keeps the host free of syncs (and the ops
+// capturable in CUDA graphs) and lets one launch mix ranks 1..128 without padding.
+// Needs blockDim.x to be a multiple of 32 and at most 1024.
+template <typename CountFn>
+__device__ int build_worklist(int* prefix, int num_seg, CountFn count) {
+  __shared__ int warp_sums[32];
+  __shared__ int carry_s;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  if (tid == 0) {
+    prefix[0] = 0;
+    carry_s = 0;
+  }
+  __syncthreads();
+  for (int base = 0; base < num_seg; base += blockDim.x) {
+    const int s = base + tid;
+    int x = s < num_seg ? count(s) : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      int y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+      int w = lane < nwarps ? warp_sums[lane] : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, w, o);
+        if (lane >= o) w += y;
+      }
+      warp_sums[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    const int incl = carry_s + (warp > 0 ? warp_sums[warp - 1] : 0) + x;
+    if (s < num_seg) prefix[s + 1] = incl;
+    __syncthreads();
+    if (tid == blockDim.x - 1) carry_s = incl;
+    __syncthreads();
+  }
+  return prefix[num_seg];
+}
+
+// The segment that owns work item t (prefix[s] <= t < prefix[s + 1]); empty segments own none.
+__device__ __forceinline__ int find_segment(const int* prefix, int num_seg, int t) {
+  int lo = 0, hi = num_seg;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (prefix[mid] <= t) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90). A kernel lets the next one start at once; the next one
+// reads metadata and warms L2 with its weights while this one finishes, then waits for it
+// before touching anything this one writes. Both are no-ops when not launched with PDL.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch [p, p + bytes): a hint that consumes no data, so it is safe before pdl_wait.
+// p 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// Spreads an L2 prefetch of a contiguous span over the CTA's threads, 4 KB per instruction.
+__device__ __forceinline__ void prefetch_span_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = int64_t(threadIdx.x) * 4096; off < bytes; off += int64_t(blockDim.x) * 4096)
+    prefetch_l2(c + off, uint32_t(bytes - off < 4096 ? bytes - off : 4096));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor cores: cp.async, ldmatrix and mma.sync m16n8k16 (sm_80 and later).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies src_bytes (0..16) from global and zero-fills the rest of the 16 bytes. With 0 bytes
+// nothing is read from global memory.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Shared-memory tiles of 16-byte chunks are XOR-swizzled (chunk ^ row % 8) so that ldmatrix's
+// eight row addresses fall in distinct banks. Offset in elements of (row, k) for rows of
+// `row_elems` elements (a multiple of 64).
+__device__ __forceinline__ int swz(int row, int k, int row_elems) {
+  return row * row_elems + ((((k >> 3) ^ (row & 7))) << 3) + (k & 7);
+}
+
+// Launches `kernel` with PDL when asked (sm_90), else as a plain launch.
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   bool pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+// Raises the dynamic shared-memory limit of a kernel when it needs more than 48 KB.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+// Resident CTAs per SM for a kernel (for sizing persistent grids).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess)
+    n = 1;
+  return n > 0 ? n : 1;
+}
+
+}  // namespace punica

@@ -1,0 +1,240 @@
+// Registers punica::sgmv_shrink and punica::sgmv_expand with the torch dispatcher, checks every
+// argument at the boundary, and picks the kernel family for the batch.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "sgmv.h"
+
+namespace punica {
+namespace {
+
+// Average rows per segment above which the tensor-core kernels win: a decode batch (1-row
+// segments) stays on the memory-bound kernels, a prefill chunk goes to the tensor cores.
+constexpr int64_t kMmaMinRowsPerSegment = 8;
+
+void check_cuda(const char* fn, const at::Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.is_cuda(), "punica::", fn, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == dev, "punica::", fn, ": ", name, " is on ", t.device(), " but x is on ",
+              dev);
+}
+
+void check_index(const char* fn, const at::Tensor& t, const char* name, const at::Device& dev) {
+  check_cuda(fn, t, name, dev);
+  TORCH_CHECK(t.scalar_type() == at::kInt, "punica::", fn, ": ", name, " must be int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "punica::", fn, ": ", name,
+              " must be a contiguous 1-D tensor");
+}
+
+// Rows of a 2-D activation: last dimension contiguous, 16-byte aligned rows for the fast paths.
+void check_rows(const char* fn, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "punica::", fn, ": ", name, " must be 2-D, got ", t.sizes());
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "punica::", fn, ": ", name,
+              " must be contiguous in its last dimension (got strides ", t.strides(), ")");
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), "punica::", fn, ": ", name,
+              " rows overlap (strides ", t.strides(), ")");
+}
+
+bool aligned16(const at::Tensor& t, int64_t elem_offset = 0) {
+  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr()) + elem_offset * t.element_size();
+  return addr % 16 == 0 && (t.size(0) <= 1 || t.stride(0) % 8 == 0);
+}
+
+DType dtype_of(const char* fn, const at::Tensor& t) {
+  if (t.scalar_type() == at::kHalf) return DType::kHalf;
+  if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
+  TORCH_CHECK(false, "punica::", fn, ": only float16 and bfloat16 are supported, got ",
+              t.scalar_type());
+  return DType::kHalf;
+}
+
+SegmentArgs segment_args(const char* fn, const at::Tensor& weights, const at::Tensor& seg_indptr,
+                         const at::Tensor& slot_ids, const at::Tensor& ranks, int64_t layer,
+                         int64_t num_rows, const at::Device& dev) {
+  check_index(fn, seg_indptr, "seg_indptr", dev);
+  check_index(fn, slot_ids, "slot_ids", dev);
+  check_index(fn, ranks, "ranks", dev);
+  TORCH_CHECK(seg_indptr.numel() == slot_ids.numel() + 1, "punica::", fn,
+              ": seg_indptr must have one more entry than slot_ids (", seg_indptr.numel(), " vs ",
+              slot_ids.numel(), ")");
+  TORCH_CHECK(slot_ids.numel() <= kMaxSegments, "punica::", fn, ": at most ", kMaxSegments,
+              " segments per call, got ", slot_ids.numel());
+  TORCH_CHECK(ranks.numel() == weights.size(0), "punica::", fn, ": ranks has ", ranks.numel(),
+              " entries but the weights have ", weights.size(0), " slots");
+  TORCH_CHECK(layer >= 0 && layer < weights.size(1), "punica::", fn, ": layer ", layer,
+              " out of range [0, ", weights.size(1), ")");
+  TORCH_CHECK(weights.size(2) <= kMaxRank, "punica::", fn, ": max rank ", weights.size(2),
+              " exceeds the supported ", kMaxRank);
+  TORCH_CHECK(num_rows < (int64_t(1) << 31), "punica::", fn, ": too many rows");
+  SegmentArgs s;
+  s.seg_indptr = seg_indptr.data_ptr<int32_t>();
+  s.slot_ids = slot_ids.data_ptr<int32_t>();
+  s.ranks = ranks.data_ptr<int32_t>();
+  s.num_seg = int(slot_ids.numel());
+  s.num_slots = int(weights.size(0));
+  s.num_rows = int(num_rows);
+  s.max_rank = int(weights.size(2));
+  return s;
+}
+
+void check_weights(const char* fn, const at::Tensor& w, const char* name, const at::Tensor& like,
+                   const at::Device& dev) {
+  check_cuda(fn, w, name, dev);
+  TORCH_CHECK(w.scalar_type() == like.scalar_type(), "punica::", fn, ": ", name, " is ",
+              w.scalar_type(), " but the activations are ", like.scalar_type());
+  TORCH_CHECK(w.dim() == 4, "punica::", fn, ": ", name,
+              " must be [slots, layers, max_rank, features], got ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "punica::", fn, ": ", name, " must be contiguous");
+}
+
+Path path_of(int64_t path) {
+  TORCH_CHECK(path >= 0 && path <= 2, "punica: path must be 0 (auto), 1 (simt) or 2 (mma)");
+  return static_cast<Path>(path);
+}
+
+LaunchOptions launch_options(const at::Device& dev, bool vec, bool pdl) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev.index());
+  LaunchOptions o;
+  o.stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
+  o.num_sms = prop->multiProcessorCount;
+  o.vec = vec;
+  o.pdl = pdl && prop->major >= 9;  // programmatic dependent launch exists from sm_90
+  return o;
+}
+
+bool use_mma(Path path, bool vec, int64_t num_rows, int64_t num_seg) {
+  if (!vec) return false;  // tensor-core kernels need 16-byte rows; the SIMT ones handle any size
+  if (path != Path::kAuto) return path == Path::kMma;
+  return num_rows > kMmaMinRowsPerSegment * num_seg;
+}
+
+void check_launch(const char* fn, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "punica::", fn, ": kernel launch failed: ", cudaGetErrorString(err));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void sgmv_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a,
+                 const at::Tensor& seg_indptr, const at::Tensor& slot_ids, const at::Tensor& ranks,
+                 int64_t layer, int64_t path, bool pdl) {
+  const char* fn = "sgmv_shrink";
+  TORCH_CHECK(x.is_cuda(), "punica::sgmv_shrink: x must be a CUDA tensor, got ", x.device());
+  const at::Device dev = x.device();
+  check_cuda(fn, v, "v", dev);
+  const DType dt = dtype_of(fn, x);
+  TORCH_CHECK(v.scalar_type() == x.scalar_type(), "punica::sgmv_shrink: v is ", v.scalar_type(),
+              " but x is ", x.scalar_type());
+  check_weights(fn, a, "a", x, dev);
+  check_rows(fn, x, "x");
+  check_rows(fn, v, "v");
+  TORCH_CHECK(v.size(0) == x.size(0), "punica::sgmv_shrink: v has ", v.size(0), " rows, x has ",
+              x.size(0));
+  TORCH_CHECK(a.size(3) == x.size(1), "punica::sgmv_shrink: a has in_features ", a.size(3),
+              " but x has ", x.size(1));
+  TORCH_CHECK(v.size(1) >= a.size(2), "punica::sgmv_shrink: v has ", v.size(1),
+              " columns, fewer than the max rank ", a.size(2));
+  const SegmentArgs seg = segment_args(fn, a, seg_indptr, slot_ids, ranks, layer, x.size(0), dev);
+  const Path p = path_of(path);
+  if (seg.num_seg == 0 || x.size(0) == 0) return;
+
+  const c10::cuda::CUDAGuard guard(dev);
+  const int64_t K = x.size(1);
+  const bool vec = K % 8 == 0 && aligned16(x) && aligned16(a);  // v is written element-wise
+  ShrinkParams prm;
+  prm.seg = seg;
+  prm.v = v.data_ptr();
+  prm.v_stride = v.stride(0);
+  prm.x = x.data_ptr();
+  prm.x_stride = x.stride(0);
+  prm.w = static_cast<const char*>(a.data_ptr()) + layer * a.stride(1) * a.element_size();
+  prm.w_slot_stride = a.stride(0);
+  prm.in_features = int(K);
+  prm.ws = nullptr;
+  prm.ws_stride = 0;
+  prm.ksplit = 1;
+  LaunchOptions o = launch_options(dev, vec, pdl);
+  if (!use_mma(p, vec, x.size(0), seg.num_seg)) {
+    check_launch(fn, shrink_simt(dt, prm, o));
+    return;
+  }
+  prm.ksplit = shrink_mma_ksplit(seg.num_rows, prm.in_features, o.num_sms);
+  at::Tensor ws;
+  if (prm.ksplit > 1) {  // fp32 partial sums of the K-slices; the graph-safe caching allocator
+    ws = at::zeros({x.size(0), a.size(2)}, x.options().dtype(at::kFloat));
+    prm.ws = ws.data_ptr<float>();
+    prm.ws_stride = a.size(2);
+  }
+  check_launch(fn, shrink_mma(dt, prm, o));
+}
+
+void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
+                 const at::Tensor& seg_indptr, const at::Tensor& slot_ids, const at::Tensor& ranks,
+                 int64_t layer, int64_t col_offset, int64_t path, bool pdl) {
+  const char* fn = "sgmv_expand";
+  TORCH_CHECK(y.is_cuda(), "punica::sgmv_expand: y must be a CUDA tensor, got ", y.device());
+  const at::Device dev = y.device();
+  check_cuda(fn, v, "v", dev);
+  const DType dt = dtype_of(fn, y);
+  TORCH_CHECK(v.scalar_type() == y.scalar_type(), "punica::sgmv_expand: v is ", v.scalar_type(),
+              " but y is ", y.scalar_type());
+  check_weights(fn, b, "b", y, dev);
+  check_rows(fn, y, "y");
+  check_rows(fn, v, "v");
+  TORCH_CHECK(v.size(0) == y.size(0), "punica::sgmv_expand: v has ", v.size(0), " rows, y has ",
+              y.size(0));
+  TORCH_CHECK(v.size(1) >= b.size(2), "punica::sgmv_expand: v has ", v.size(1),
+              " columns, fewer than the max rank ", b.size(2));
+  const int64_t N = b.size(3);
+  TORCH_CHECK(col_offset >= 0 && col_offset + N <= y.size(1), "punica::sgmv_expand: columns [",
+              col_offset, ", ", col_offset + N, ") do not fit in y with ", y.size(1), " columns");
+  TORCH_CHECK(N < (int64_t(1) << 30), "punica::sgmv_expand: out_features too large");
+  const SegmentArgs seg = segment_args(fn, b, seg_indptr, slot_ids, ranks, layer, y.size(0), dev);
+  const Path p = path_of(path);
+  if (seg.num_seg == 0 || y.size(0) == 0) return;
+
+  const c10::cuda::CUDAGuard guard(dev);
+  const bool vec = N % 8 == 0 && col_offset % 8 == 0 && aligned16(y) && aligned16(b) &&
+                   aligned16(v);
+  ExpandParams prm;
+  prm.seg = seg;
+  prm.y = y.data_ptr();
+  prm.y_stride = y.stride(0);
+  prm.col_offset = col_offset;
+  prm.v = v.data_ptr();
+  prm.v_stride = v.stride(0);
+  prm.w = static_cast<const char*>(b.data_ptr()) + layer * b.stride(1) * b.element_size();
+  prm.w_slot_stride = b.stride(0);
+  prm.out_features = int(N);
+  LaunchOptions o = launch_options(dev, vec, pdl);
+  if (use_mma(p, vec, y.size(0), seg.num_seg))
+    check_launch(fn, expand_mma(dt, prm, o));
+  else
+    check_launch(fn, expand_simt(dt, prm, o));
+}
+
+TORCH_LIBRARY(punica, m) {
+  m.def("sgmv_shrink(Tensor(a!) v, Tensor x, Tensor a, Tensor seg_indptr, Tensor slot_ids, "
+        "Tensor ranks, int layer, int path=0, bool pdl=True) -> ()");
+  m.def("sgmv_expand(Tensor(a!) y, Tensor v, Tensor b, Tensor seg_indptr, Tensor slot_ids, "
+        "Tensor ranks, int layer, int col_offset=0, int path=0, bool pdl=True) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(punica, CUDA, m) {
+  m.impl("sgmv_shrink", &sgmv_shrink);
+  m.impl("sgmv_expand", &sgmv_expand);
+}
+
+// CPU tensors reach the same functions, whose first check names the tensor that is not on CUDA.
+TORCH_LIBRARY_IMPL(punica, CPU, m) {
+  m.impl("sgmv_shrink", &sgmv_shrink);
+  m.impl("sgmv_expand", &sgmv_expand);
+}
+
+}  // namespace punica
+
+// An importable (empty) Python module: `import <name>` loads the library and so registers the ops.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "punica SGMV kernels (torch.ops.punica)"; }

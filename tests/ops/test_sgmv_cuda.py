@@ -1,0 +1,410 @@
+"""The CUDA SGMV kernels against the torch reference (fp32 on upcast inputs).
+
+Needs a GPU (run on the device machine); skipped elsewhere. Every check poisons what the kernel
+must not touch (NaN in the weights' rows past a slot's rank, NaN in v's columns past the rank,
+NaN in the shrink output) and draws fresh random inputs.
+
+`python tests/ops/test_sgmv_cuda.py` runs a few small cases of every path without pytest, for
+`compute-sanitizer --tool memcheck`.
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from punica_core.ops import torch_ref  # noqa: E402
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DTYPES = [torch.float16, torch.bfloat16]
+# ||out - ref|| / ||ref|| against fp32 math on the same (rounded) inputs.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+AUTO, SIMT, MMA = 0, 1, 2
+NAN = float("nan")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from punica_core.ops import cuda_backend
+    assert cuda_backend.available(), "the CUDA extension did not build or load"
+    return cuda_backend
+
+
+def make_problem(dtype, fin, fout, ranks, seg_slots, seg_lens, *, layers=2, max_rank=None,
+                 seed=0):
+    """Weights with NaN in every stored row past a slot's rank (they must never be read)."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    slots, R = len(ranks), max_rank or max(1, max(ranks))
+    a = torch.randn(slots, layers, R, fin, generator=g, device=dev) / math.sqrt(fin)
+    b = torch.randn(slots, layers, R, fout, generator=g, device=dev) / math.sqrt(max(ranks + [1]))
+    for s, r in enumerate(ranks):
+        a[s, :, r:] = NAN
+        b[s, :, r:] = NAN
+    indptr = [0]
+    for n in seg_lens:
+        indptr.append(indptr[-1] + n)
+    x = torch.randn(indptr[-1], fin, generator=g, device=dev)
+    as_i32 = lambda t: torch.tensor(t, dtype=torch.int32, device=dev)  # noqa: E731
+    return dict(a=a.to(dtype), b=b.to(dtype), x=x.to(dtype), indptr=indptr, slots=list(seg_slots),
+                ranks=list(ranks), indptr_t=as_i32(indptr), slots_t=as_i32(seg_slots),
+                ranks_t=as_i32(ranks))
+
+
+def written_mask(p, n, width, col_offset=0, out=None):
+    """Which elements of v (or of y's column window) a segment writes."""
+    mask = torch.zeros(n, width, dtype=torch.bool, device="cuda")
+    for i, s in enumerate(p["slots"]):
+        if 0 <= s < len(p["ranks"]) and p["ranks"][s] > 0:
+            lo, hi = p["indptr"][i], p["indptr"][i + 1]
+            if out is None:
+                mask[lo:hi, :p["ranks"][s]] = True
+            else:
+                mask[lo:hi, col_offset:col_offset + out] = True
+    return mask
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_shrink(p, layer, path, extra_cols=3):
+    x, a = p["x"], p["a"]
+    n, R = x.shape[0], a.shape[2]
+    v = torch.full((n, R + extra_cols), NAN, dtype=x.dtype, device="cuda")
+    torch.ops.punica.sgmv_shrink(v, x, a, p["indptr_t"], p["slots_t"], p["ranks_t"], layer, path)
+    ref = torch.full((n, R + extra_cols), NAN, device="cuda")
+    torch_ref.sgmv_shrink(ref, x.float(), a[:, layer:layer + 1].float(), p["indptr"], p["slots"],
+                          p["ranks"], 0)
+    return v, ref
+
+
+def check_shrink(p, layer, path):
+    v, ref = run_shrink(p, layer, path)
+    mask = written_mask(p, v.shape[0], v.shape[1])
+    assert torch.isnan(v[~mask]).all(), "shrink wrote outside its segments' ranks"
+    assert torch.isfinite(v[mask]).all(), "shrink left part of its output unwritten (or NaN)"
+    if mask.any():
+        err = rel_err(v[mask], ref[mask])
+        assert err < TOL[v.dtype], f"shrink relative error {err:.2e}"
+    return v
+
+
+def check_expand(p, layer, path, col_offset=0, extra_cols=0):
+    x, b = p["x"], p["b"]
+    n, R, fout = x.shape[0], b.shape[2], b.shape[3]
+    g = torch.Generator(device="cuda").manual_seed(layer + 17)
+    v = torch.randn(n, R, generator=g, device="cuda").to(x.dtype)
+    for i, s in enumerate(p["slots"]):          # columns past the rank are unspecified: NaN
+        if 0 <= s < len(p["ranks"]):
+            v[p["indptr"][i]:p["indptr"][i + 1], p["ranks"][s]:] = NAN
+    y0 = torch.randn(n, col_offset + fout + extra_cols, generator=g, device="cuda").to(x.dtype)
+    y = y0.clone()
+    torch.ops.punica.sgmv_expand(y, v, b, p["indptr_t"], p["slots_t"], p["ranks_t"], layer,
+                                 col_offset, path)
+    ref = y0.float()
+    torch_ref.sgmv_expand(ref, v.float(), b[:, layer:layer + 1].float(), p["indptr"], p["slots"],
+                          p["ranks"], 0, col_offset)
+    mask = written_mask(p, n, y.shape[1], col_offset, fout)
+    assert torch.equal(y[~mask], y0[~mask]), "expand changed elements outside its window"
+    if mask.any():
+        assert torch.isfinite(y[mask]).all()
+        delta_ref = ref[mask] - y0[mask].float()
+        err = ((y[mask].float() - ref[mask]).norm() / delta_ref.norm().clamp_min(1e-30)).item()
+        assert err < 2 * TOL[y.dtype], f"expand relative error {err:.2e}"
+    return y
+
+
+# 1-row, empty, long, slot -1 and unsorted slots in one batch
+SEG_SLOTS = [2, -1, 0, 3, 1, 0, -1, 2, 3]
+SEG_LENS = [1, 3, 0, 37, 1, 130, 0, 5, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 8, 15, 16, 32, 64, 100, 128])
+@pytest.mark.parametrize("path", [SIMT, MMA])
+def test_every_rank(kernels, dtype, rank, path):
+    # sizes that are multiples of 8 but not of any tile (64, 128, 1024)
+    p = make_problem(dtype, 1032, 1000, [rank, rank, 0, rank], SEG_SLOTS, SEG_LENS,
+                     max_rank=128, seed=rank)
+    check_shrink(p, 1, path)
+    check_expand(p, 1, path, col_offset=8, extra_cols=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", [AUTO, SIMT, MMA])
+@pytest.mark.parametrize("fin,fout", [(576, 576), (4096, 4096), (4096, 11008), (5120, 13824),
+                                      (28672, 8192), (8192, 28672)])
+def test_mixed_ranks_one_launch(kernels, dtype, path, fin, fout):
+    g = torch.Generator().manual_seed(fin + fout)
+    ranks = [4, 8, 16, 64, 128, 0, 1, 37]
+    n_seg = 24
+    seg_slots = torch.randint(-1, len(ranks), (n_seg,), generator=g).tolist()
+    seg_lens = torch.randint(0, 4, (n_seg,), generator=g).tolist()
+    seg_lens[5] = 300   # one long segment among decode rows
+    p = make_problem(dtype, fin, fout, ranks, seg_slots, seg_lens, max_rank=128, seed=fin)
+    check_shrink(p, 0, path)
+    check_expand(p, 1, path, col_offset=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_distinct_adapters(kernels, dtype):
+    """64 one-row segments, all different adapters (the auto path picks the decode kernels)."""
+    ranks = [16] * 64
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    p = make_problem(dtype, 4096, 11008, ranks, slots, [1] * 64, max_rank=64)
+    check_shrink(p, 1, AUTO)
+    check_expand(p, 1, AUTO, col_offset=4096, extra_cols=8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fin,lens", [(4096, [2048, 700, 1]),      # split-K over the input dim
+                                      (128, [1500, 2000, 900])])   # one K-slice: direct write
+def test_long_segments(kernels, dtype, fin, lens):
+    p = make_problem(dtype, fin, 4096, [64, 16, 128], [1, 0, 2], lens, max_rank=128, seed=fin)
+    check_shrink(p, 0, AUTO)
+    check_expand(p, 0, AUTO)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", [AUTO, MMA])
+def test_sizes_without_16_byte_rows(kernels, dtype, path):
+    """Odd sizes and offsets fall back to element loads (MMA requests too), still correct."""
+    p = make_problem(dtype, 577, 1001, [5, 16, 128], [2, -1, 0, 1], [3, 1, 200, 1], max_rank=128)
+    check_shrink(p, 1, path)
+    check_expand(p, 0, path, col_offset=3, extra_cols=5)
+    # x viewed at an odd element offset: not 16-byte aligned
+    p = make_problem(dtype, 1024, 512, [16, 8], [1, 0], [40, 2], max_rank=16)
+    big = torch.randn(p["x"].shape[0], 1025, device="cuda").to(dtype)
+    big[:, 1:] = p["x"]
+    p["x"] = big[:, 1:]
+    check_shrink(p, 0, path)
+
+
+@pytest.mark.parametrize("path", [AUTO, SIMT, MMA])
+def test_nothing_to_do(kernels, path):
+    p = make_problem(torch.bfloat16, 1024, 1024, [0, 16], [-1, 0, -1, 1], [3, 2, 0, 0],
+                     max_rank=16)
+    check_shrink(p, 0, path)   # rank 0, slot -1 and empty segments: v stays all NaN
+    check_expand(p, 0, path)
+    v = torch.zeros(0, 16, dtype=torch.bfloat16, device="cuda")
+    empty = torch.zeros(1, dtype=torch.int32, device="cuda")
+    torch.ops.punica.sgmv_shrink(v, p["x"][:0], p["a"], empty, empty[:0], p["ranks_t"], 0, path)
+
+
+def test_invalid_slot_ids_touch_nothing(kernels):
+    """Device metadata cannot be checked without a sync: bad values must at least be harmless."""
+    p = make_problem(torch.float16, 1024, 1024, [16, 16], [0, 1], [2, 2], max_rank=16)
+    p["slots_t"] = torch.tensor([7, -5], dtype=torch.int32, device="cuda")
+    v = torch.full((4, 16), NAN, dtype=torch.float16, device="cuda")
+    torch.ops.punica.sgmv_shrink(v, p["x"], p["a"], p["indptr_t"], p["slots_t"], p["ranks_t"], 0)
+    torch.cuda.synchronize()
+    assert torch.isnan(v).all()
+
+
+def test_public_ops_dispatch_to_cuda(kernels):
+    import punica_core.ops as ops
+    from punica_core.ops.backend import cuda_ops
+    cuda_ops.cache_clear()
+    assert ops.cuda_ops() is kernels
+    p = make_problem(torch.bfloat16, 2048, 1024, [8, 16, 4], [2, 0, -1, 1], [1, 1, 1, 1],
+                     max_rank=16)
+    v = torch.zeros(4, 16, dtype=torch.bfloat16, device="cuda")
+    ops.sgmv_shrink(v, p["x"], p["a"], p["indptr"], p["slots"], p["ranks"], 1)  # python lists
+    ref = torch.zeros(4, 16, device="cuda")
+    torch_ref.sgmv_shrink(ref, p["x"].float(), p["a"].float(), p["indptr"], p["slots"],
+                          p["ranks"], 1)
+    assert rel_err(v, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("lens", [[1] * 32, [600, 1, 900]])
+def test_cuda_graph_replay_with_new_inputs(kernels, lens):
+    """Captured once, replayed with new activations and a new slot order (PDL / split-K)."""
+    dtype = torch.bfloat16
+    ranks = [16, 64, 8, 128] * 8
+    slots = list(range(len(lens)))
+    p = make_problem(dtype, 4096, 4096, ranks, slots, lens, max_rank=128)
+    n = p["x"].shape[0]
+    x, a, b = p["x"].clone(), p["a"], p["b"]
+    v = torch.zeros(n, 128, dtype=dtype, device="cuda")
+    y = torch.zeros(n, 4096, dtype=dtype, device="cuda")
+    indptr, slot_t, rank_t = p["indptr_t"], p["slots_t"].clone(), p["ranks_t"]
+
+    def step():
+        torch.ops.punica.sgmv_shrink(v, x, a, indptr, slot_t, rank_t, 1)
+        torch.ops.punica.sgmv_expand(y, v, b, indptr, slot_t, rank_t, 1, 0)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    new_slots = list(reversed(slots)) if len(slots) > 1 else slots
+    new_slots[0] = -1
+    x.copy_(torch.randn_like(x, dtype=torch.float32).to(dtype))
+    slot_t.copy_(torch.tensor(new_slots, dtype=torch.int32))
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_v = torch.zeros(n, 128, device="cuda")
+    torch_ref.sgmv_shrink(ref_v, x.float(), a.float(), p["indptr"], new_slots, ranks, 1)
+    ref = torch.zeros(n, 4096, device="cuda")
+    torch_ref.sgmv_expand(ref, ref_v, b.float(), p["indptr"], new_slots, ranks, 1)
+    assert rel_err(y, ref) < 2 * TOL[dtype]
+    assert (y[:lens[0]] == 0).all()   # the first segment now has no adapter
+
+
+def test_torch_compile_fullgraph(kernels):
+    p = make_problem(torch.float16, 1024, 2048, [16, 32], [1, 0], [3, 2], max_rank=32)
+
+    @torch.compile(fullgraph=True)
+    def lora(y, x, v, a, b, indptr, slots, ranks):
+        torch.ops.punica.sgmv_shrink(v, x, a, indptr, slots, ranks, 0)
+        torch.ops.punica.sgmv_expand(y, v, b, indptr, slots, ranks, 0, 0)
+        return y
+
+    y = torch.zeros(5, 2048, dtype=torch.float16, device="cuda")
+    v = torch.zeros(5, 32, dtype=torch.float16, device="cuda")
+    out = lora(y, p["x"], v, p["a"], p["b"], p["indptr_t"], p["slots_t"], p["ranks_t"])
+    ref_v = torch.zeros(5, 32, device="cuda")
+    torch_ref.sgmv_shrink(ref_v, p["x"].float(), p["a"].float(), p["indptr"], p["slots"],
+                          p["ranks"], 0)
+    ref = torch.zeros(5, 2048, device="cuda")
+    torch_ref.sgmv_expand(ref, ref_v, p["b"].float(), p["indptr"], p["slots"], p["ranks"], 0)
+    assert rel_err(out, ref) < 2 * TOL[torch.float16]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad arguments: a clear error from the C++ boundary, never a launch.
+def _args():
+    p = make_problem(torch.bfloat16, 256, 512, [8, 16], [1, 0], [2, 3], max_rank=16)
+    v = torch.zeros(5, 16, dtype=torch.bfloat16, device="cuda")
+    return p, v
+
+
+def _shrink(v, x, a, indptr, slots, ranks, layer=0, path=0):
+    torch.ops.punica.sgmv_shrink(v, x, a, indptr, slots, ranks, layer, path)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("x_fp32", "only float16 and bfloat16"),
+    ("a_dtype", "a is"),
+    ("v_dtype", "v is"),
+    ("a_noncontig", "a must be contiguous"),
+    ("x_noncontig", "contiguous in its last dimension"),
+    ("v_cpu", "v must be a CUDA tensor"),
+    ("all_cpu", "x must be a CUDA tensor"),
+    ("indptr_cpu", "seg_indptr must be a CUDA tensor"),
+    ("in_features", "in_features"),
+    ("rows", "rows"),
+    ("v_narrow", "fewer than the max rank"),
+    ("indptr_len", "one more entry"),
+    ("indptr_int64", "must be int32"),
+    ("ranks_len", "slots"),
+    ("layer", "layer 2 out of range"),
+    ("path", "path must be"),
+    ("a_3d", r"must be \[slots, layers, max_rank, features\]"),
+])
+def test_shrink_rejects_bad_arguments(kernels, case, match):
+    p, v = _args()
+    x, a, ip, sl, rk = p["x"], p["a"], p["indptr_t"], p["slots_t"], p["ranks_t"]
+    layer, path = 0, 0
+    if case == "x_fp32":
+        x = x.float()
+    elif case == "a_dtype":
+        a = a.half()
+    elif case == "v_dtype":
+        v = v.half()
+    elif case == "a_noncontig":
+        a = torch.zeros(*a.shape[:3], 512, dtype=a.dtype, device="cuda")[..., :256]
+    elif case == "x_noncontig":
+        x = torch.zeros(256, 5, dtype=x.dtype, device="cuda").t()
+    elif case == "v_cpu":
+        v = v.cpu()
+    elif case == "all_cpu":
+        v, x, a, ip, sl, rk = (t.cpu() for t in (v, x, a, ip, sl, rk))
+    elif case == "indptr_cpu":
+        ip = ip.cpu()
+    elif case == "in_features":
+        x = torch.zeros(5, 128, dtype=x.dtype, device="cuda")
+    elif case == "rows":
+        v = torch.zeros(4, 16, dtype=v.dtype, device="cuda")
+    elif case == "v_narrow":
+        v = torch.zeros(5, 8, dtype=v.dtype, device="cuda")
+    elif case == "indptr_len":
+        ip = ip[:-1]
+    elif case == "indptr_int64":
+        ip = ip.long()
+    elif case == "ranks_len":
+        rk = torch.tensor([8, 16, 4], dtype=torch.int32, device="cuda")
+    elif case == "layer":
+        layer = 2
+    elif case == "path":
+        path = 7
+    elif case == "a_3d":
+        a = a[:, 0]
+    with pytest.raises(RuntimeError, match=match):
+        _shrink(v, x, a, ip, sl, rk, layer, path)
+    torch.cuda.synchronize()   # the context is still healthy
+
+
+@pytest.mark.parametrize("case,match", [
+    ("col_offset", "do not fit in y"),
+    ("neg_offset", "do not fit in y"),
+    ("b_dtype", "b is"),
+    ("y_cpu", "y must be a CUDA tensor"),
+    ("y_rows", "rows"),
+    ("b_noncontig", "b must be contiguous"),
+])
+def test_expand_rejects_bad_arguments(kernels, case, match):
+    p, v = _args()
+    y = torch.zeros(5, 512, dtype=torch.bfloat16, device="cuda")
+    b, off = p["b"], 0
+    if case == "col_offset":
+        off = 8
+    elif case == "neg_offset":
+        off = -8
+    elif case == "b_dtype":
+        b = b.half()
+    elif case == "y_cpu":
+        y = y.cpu()
+    elif case == "y_rows":
+        y = torch.zeros(6, 512, dtype=torch.bfloat16, device="cuda")
+    elif case == "b_noncontig":
+        b = torch.zeros(*b.shape[:3], 1024, dtype=b.dtype, device="cuda")[..., ::2]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.punica.sgmv_expand(y, v, b, p["indptr_t"], p["slots_t"], p["ranks_t"], 0, off)
+    torch.cuda.synchronize()
+
+
+def sanitizer_cases():
+    """Small cases of every path (decode, prefill direct and split-K, element loads)."""
+    from punica_core.ops import cuda_backend
+    assert cuda_backend.available()
+    for dtype in DTYPES:
+        for path in (SIMT, MMA):
+            p = make_problem(dtype, 1032, 1000, [3, 128, 0, 16], SEG_SLOTS, SEG_LENS,
+                             max_rank=128)
+            check_shrink(p, 1, path)
+            check_expand(p, 1, path, col_offset=8, extra_cols=16)
+        p = make_problem(dtype, 577, 1001, [5, 16, 128], [2, -1, 0, 1], [3, 1, 200, 1],
+                         max_rank=128)
+        check_shrink(p, 1, AUTO)
+        check_expand(p, 0, AUTO, col_offset=3, extra_cols=5)
+        p = make_problem(dtype, 128, 512, [64, 16, 128], [1, 0, 2], [300, 200, 1], max_rank=128)
+        check_shrink(p, 0, MMA)
+    torch.cuda.synchronize()
+    print("sanitizer cases done")
+
+
+if __name__ == "__main__":
+    sanitizer_cases()
