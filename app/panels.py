@@ -20,22 +20,64 @@ def _steps(engine: Engine, n: int = STEPS_SHOWN):
     return steps, (steps[-1].time if steps else time.time())
 
 
+# Gradio's plots take their colour domain from the data they hold when the chart is (re)built,
+# and rebuild it only when a plot property such as color_map changes; a rebuild that arrives
+# with new data in the same update still sees the old data. So every frame names every series,
+# and the adapter plot's color_map names a new adapter only once frames have carried it for a
+# moment (AdapterColors): its change then rebuilds the chart with the adapter in its legend.
+PALETTE = ["#3b82f6", "#f97316", "#22c55e", "#a855f7", "#ef4444", "#14b8a6", "#eab308",
+           "#ec4899", "#6366f1", "#84cc16", "#0ea5e9", "#f43f5e"]
+BASE_COLOR = "#9ca3af"
+PHASE_COLORS = {"prefill": "#f97316", "decode": "#3b82f6"}
+QUANTILE_COLORS = {"p50": "#3b82f6", "p99": "#ef4444"}
+QUEUE_COLORS = {"waiting": "#f97316", "running": "#22c55e"}
+MEMORY_PARTS = ["weights", "KV used", "KV free", "LoRA slots"]     # the legend; "process" or
+                                                                   # "GPU" is the other bar
+
+
+class AdapterColors:
+    """color_map for the adapter plot: one stable colour per adapter (in order of arrival); an
+    adapter joins (or leaves) the map `settle_s` after it joined (or left) the registry."""
+
+    def __init__(self, engine: Engine, settle_s: float = 1.5):
+        self.engine, self.settle_s = engine, settle_s
+        self.order = sorted(engine.store.names())
+        self.first = dict.fromkeys(self.order, 0.0)
+        self.last: dict[str, float] = {}
+
+    def __call__(self) -> dict[str, str]:
+        now = time.time()
+        for n in sorted(self.engine.store.names()):
+            if n not in self.first:
+                self.first[n] = now
+                self.order.append(n)
+            self.last[n] = now
+        shown = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(self.order)
+                 if now - self.first[n] >= self.settle_s and now - self.last[n] < self.settle_s}
+        return {"base": BASE_COLOR, **shown}
+
+
 def batch_by_adapter(engine: Engine) -> pd.DataFrame:
-    """Token rows per adapter in each of the last steps (stacked bars; 0 = latest step)."""
+    """Token rows per adapter in each of the last steps (stacked bars binned by 1 step; the
+    latest step is the bin [-1, 0), hence the half steps)."""
     steps, _ = _steps(engine)
-    rows = [{"step": i - len(steps) + 1, "rows": n, "adapter": a}
-            for i, s in enumerate(steps) for a, n in sorted(s.rows_per_adapter.items())]
-    return pd.DataFrame(rows or [{"step": 0, "rows": 0, "adapter": "base"}])
+    known = ["base"] + sorted(engine.store.names())
+    rows = [{"step": -0.5, "rows": 0, "adapter": a} for a in known]    # every series, always
+    rows += [{"step": i - len(steps) + 0.5, "rows": n, "adapter": a}
+             for i, s in enumerate(steps) for a, n in sorted(s.rows_per_adapter.items())
+             if a in known]
+    return pd.DataFrame(rows)
 
 
 def batch_by_phase(engine: Engine) -> pd.DataFrame:
     """Prefill tokens vs decode rows in each of the last steps (stacked bars)."""
     steps, _ = _steps(engine)
-    rows = []
+    rows = [{"step": -0.5, "rows": 0, "phase": p} for p in PHASE_COLORS]
     for i, s in enumerate(steps):
-        rows.append({"step": i - len(steps) + 1, "rows": s.prefill_tokens, "phase": "prefill"})
-        rows.append({"step": i - len(steps) + 1, "rows": s.decode_rows, "phase": "decode"})
-    return pd.DataFrame(rows or [{"step": 0, "rows": 0, "phase": "decode"}])
+        x = i - len(steps) + 0.5
+        rows.append({"step": x, "rows": s.prefill_tokens, "phase": "prefill"})
+        rows.append({"step": x, "rows": s.decode_rows, "phase": "decode"})
+    return pd.DataFrame(rows)
 
 
 def _per_second(engine: Engine, horizon_s: float = HORIZON_S):
@@ -58,26 +100,29 @@ def latency_over_time(engine: Engine) -> pd.DataFrame:
             for q, name in ((0.5, "p50"), (0.99, "p99")):
                 rows.append({"seconds ago": -ago, "ms per token":
                              round(xs[round(q * (len(xs) - 1))], 2), "quantile": name})
-    return pd.DataFrame(rows or [{"seconds ago": 0, "ms per token": 0.0, "quantile": "p50"}])
+    return pd.DataFrame(rows or [{"seconds ago": 0, "ms per token": 0.0, "quantile": q}
+                                 for q in QUANTILE_COLORS])
 
 
 def throughput_over_time(engine: Engine) -> pd.DataFrame:
     """Tokens sampled per second, for each of the last 60 seconds (idle seconds are 0)."""
     buckets = _per_second(engine)
     rows = [{"seconds ago": -ago, "tokens/s": sum(s.tokens_sampled for s in buckets.get(ago, []))}
-            for ago in range(int(HORIZON_S), 0, -1)]
+            for ago in range(int(HORIZON_S), 0, -1)]         # the current second is partial
     return pd.DataFrame(rows)
 
 
 def queue_over_time(engine: Engine) -> pd.DataFrame:
-    """Requests waiting and running (the max seen in each second)."""
+    """Requests waiting and running: the most seen in each second (seconds with no step: 0)."""
+    buckets = _per_second(engine)
     rows = []
-    for ago, steps in sorted(_per_second(engine).items()):
-        rows.append({"seconds ago": -ago, "requests": max(s.queue_depth for s in steps),
-                     "state": "waiting"})
-        rows.append({"seconds ago": -ago, "requests": max(s.running for s in steps),
-                     "state": "running"})
-    return pd.DataFrame(rows or [{"seconds ago": 0, "requests": 0, "state": "waiting"}])
+    for ago in range(int(HORIZON_S), -1, -1):
+        steps = buckets.get(ago, [])
+        rows.append({"seconds ago": -ago, "state": "waiting",
+                     "requests": max((s.queue_depth for s in steps), default=0)})
+        rows.append({"seconds ago": -ago, "state": "running",
+                     "requests": max((s.running for s in steps), default=0)})
+    return pd.DataFrame(rows)
 
 
 def tokens_per_second(engine: Engine, window_s: float = 5.0) -> float:
@@ -88,13 +133,14 @@ def tokens_per_second(engine: Engine, window_s: float = 5.0) -> float:
 
 def memory_breakdown(engine: Engine) -> pd.DataFrame:
     """Bytes the engine holds (weights / KV cache used and free / adapter slots) beside the
-    whole: GPU memory allocated on a GPU, the process's resident memory on CPU."""
+    whole: GPU memory allocated on a GPU ("GPU"), the process's resident memory on CPU
+    ("process")."""
     m = engine.memory()
-    whole = ("GPU allocated", m["device_allocated"]) if m["device"] == "cuda" \
-        else ("process RSS", m["process_rss"])
-    parts = [("engine", "weights", m["weights"]), ("engine", "KV cache used", m["kv_cache_used"]),
-             ("engine", "KV cache free", m["kv_cache"] - m["kv_cache_used"]),
-             ("engine", "adapter slots", m["adapters"]), (whole[0], whole[0], whole[1])]
+    whole = ("GPU", m["device_allocated"]) if m["device"] == "cuda" \
+        else ("process", m["process_rss"])
+    parts = [("engine", "weights", m["weights"]), ("engine", "KV used", m["kv_cache_used"]),
+             ("engine", "KV free", m["kv_cache"] - m["kv_cache_used"]),
+             ("engine", "LoRA slots", m["adapters"]), (whole[0], whole[0], whole[1])]
     return pd.DataFrame([{"memory": x, "MiB": round(b / MIB, 1), "part": p}
                          for x, p, b in parts])
 

@@ -47,8 +47,11 @@ def build_playground(state: ServerState) -> gr.Blocks:
             msg = f"❌ {e}"
         return msg, panels.adapters_table(engine), *dropdown_updates()
 
+    adapter_colors = panels.AdapterColors(engine)
+
     def live():
-        return (panels.status_markdown(engine), panels.batch_by_adapter(engine),
+        return (panels.status_markdown(engine),
+                gr.BarPlot(panels.batch_by_adapter(engine), color_map=adapter_colors()),
                 panels.batch_by_phase(engine), panels.latency_over_time(engine),
                 panels.throughput_over_time(engine), panels.queue_over_time(engine),
                 panels.memory_breakdown(engine), panels.slots_table(engine))
@@ -116,22 +119,26 @@ def build_playground(state: ServerState) -> gr.Blocks:
         status = gr.Markdown(elem_id="engine-status")
         with gr.Row():
             by_adapter = gr.BarPlot(x="step", y="rows", color="adapter", x_bin=1,
+                                    color_map=adapter_colors(),
                                     title="batch: rows per adapter (last 40 steps)",
                                     height=PLOT_H, elem_id="batch-plot")
             by_phase = gr.BarPlot(x="step", y="rows", color="phase", x_bin=1,
-                                  color_map={"prefill": "#f97316", "decode": "#3b82f6"},
+                                  color_map=panels.PHASE_COLORS,
                                   title="batch: prefill tokens vs decode rows",
                                   height=PLOT_H, elem_id="phase-plot")
             latency = gr.LinePlot(x="seconds ago", y="ms per token", color="quantile",
+                                  color_map=panels.QUANTILE_COLORS,
                                   title="per-token latency p50 / p99", height=PLOT_H,
                                   elem_id="lat-plot")
         with gr.Row():
             tput = gr.LinePlot(x="seconds ago", y="tokens/s", title="tokens/s",
                                height=PLOT_H, elem_id="tput-plot")
             queue = gr.LinePlot(x="seconds ago", y="requests", color="state",
+                                color_map=panels.QUEUE_COLORS,
                                 title="queue depth and running requests", height=PLOT_H,
                                 elem_id="queue-plot")
             memory = gr.BarPlot(x="memory", y="MiB", color="part",
+                                colors_in_legend=panels.MEMORY_PARTS,
                                 title="memory (MiB): engine parts vs the whole",
                                 height=PLOT_H, elem_id="mem-plot")
             slots = gr.Dataframe(label="adapter slots", interactive=False, elem_id="slots")

@@ -80,11 +80,12 @@ def upload(page, name, paths):
     page.fill("#upload-name textarea, #upload-name input", name)
     page.set_input_files("#upload-files input[type=file]", [str(p) for p in paths])
     page.wait_for_timeout(1000)
-    page.click("#upload")
     status = page.locator("#adapter-status")
+    before = status.inner_text()
+    page.click("#upload")
     page.wait_for_function(
-        "() => /refused|registered/.test(document.querySelector('#adapter-status').innerText)",
-        timeout=30_000)
+        "before => { const t = document.querySelector('#adapter-status').innerText;"
+        " return t !== before && /refused|registered/.test(t); }", arg=before, timeout=30_000)
     return status.inner_text()
 
 
@@ -95,6 +96,9 @@ def test_upload_good_and_bad_adapters(page, live_server, parity_adapters, tmp_pa
             z.write(f, f.name)
     msg = upload(page, "browser_upload", [good])
     assert "registered" in msg and "browser_upload" in live_server.state.engine.store
+    page.wait_for_function(             # the batch plot's legend takes the new adapter
+        "() => document.querySelector('#batch-plot').innerText.includes('browser_upload')",
+        timeout=10_000)
     page.screenshot(path=str(ARTIFACTS / "upload_good.png"), full_page=True)
     bad_dir = tmp_path / "bad"
     shutil.copytree(parity_adapters["r4_qv"], bad_dir)

@@ -122,7 +122,7 @@ def test_panels_show_the_engine(live_server, client):
     phase = panels.batch_by_phase(engine)
     assert set(phase["phase"]) == {"prefill", "decode"} and phase["rows"].sum() > 0
     mem = panels.memory_breakdown(engine).set_index("part")["MiB"]
-    assert mem["weights"] > 100 and mem["process RSS"] > mem["weights"]
+    assert mem["weights"] > 100 and mem["process"] > mem["weights"]
     assert len(panels.slots_table(engine)) == engine.pool.num_slots
     assert "queue" in panels.status_markdown(engine)
     for df in (panels.latency_over_time(engine), panels.throughput_over_time(engine),
@@ -192,7 +192,7 @@ def test_unload_refused_while_in_use_then_allowed(live_server, client):
 
 def test_oversized_upload_is_refused(default_loaded, tmp_path_factory, parity_adapters,
                                      tmp_path):
-    from conftest import start_server
+    from live_server import start_server
     from gradio_client import Client
     srv = start_server(default_loaded, tmp_path_factory, {}, max_upload_mb=1)
     try:
@@ -218,3 +218,23 @@ def test_server_side_upload_limit_names_the_size(default_loaded, tmp_path):
         register_upload(engine, "big", [str(big)], tmp_path / "store", max_mb=1)
     assert not (tmp_path / "store").exists()
     engine.close()
+
+
+def test_adapter_colors_settle_before_the_plot_rebuilds(monkeypatch):
+    from types import SimpleNamespace
+    from app import panels
+    names = {"a", "b"}
+    engine = SimpleNamespace(store=SimpleNamespace(names=lambda: set(names)))
+    now = [1000.0]
+    monkeypatch.setattr(panels.time, "time", lambda: now[0])
+    colors = panels.AdapterColors(engine, settle_s=1.5)
+    first = colors()
+    assert set(first) == {"base", "a", "b"}
+    names.add("c")
+    assert "c" not in colors()                  # frames carry "c" before the map names it
+    now[0] += 2
+    assert colors()["c"] not in (first["a"], first["b"]) and colors()["a"] == first["a"]
+    names.discard("a")
+    assert "a" in colors()
+    now[0] += 2
+    assert "a" not in colors()
