@@ -105,21 +105,29 @@ def measure_step_model(model: str, device: str | None, batches: list[int], rank:
             ts.append(timed_step())
             drain([r])
         prefill.append((n, statistics.median(ts[1:])))
-    p = max((prefill[1][1] - prefill[0][1]) / (prefill[1][0] - prefill[0][0]), 0.0)
-    X = np.array([[1.0, q["batch"], q["distinct"]] for q in points])
-    y = np.array([q["step_s"] for q in points])
-    (a, b, c), *_ = np.linalg.lstsq(X, y, rcond=None)
-    fit = {"a": float(max(a, 0.0)), "b": float(max(b, 0.0)), "c": float(max(c, 0.0)),
-           "p": float(p)}
-    pred = X @ np.array([fit["a"], fit["b"], fit["c"]])
     eng.close()
+    fit, err = fit_step_model(points, prefill)
     return {"source": f"measured by benchmarks/cluster_sim.py --measure: punica_core Engine, "
                       f"model {model!r}, device {eng.model.device}, {threads} torch thread(s), "
                       f"rank-{rank} adapters on all projections",
             "model": model, "device": str(eng.model.device), "machine": platform.processor()
             or platform.machine(), "torch_threads": threads, "rank": rank,
             "points": points, "prefill_points": [{"tokens": n, "step_s": t} for n, t in prefill],
-            "fit": fit, "fit_max_rel_error": float(np.max(np.abs(pred - y) / y))}
+            "fit": fit, "fit_max_rel_error": err}
+
+
+def fit_step_model(points: list[dict], prefill: list[tuple[int, float]]) -> tuple[dict, float]:
+    """Least squares over the adapter points (every simulated request uses an adapter):
+    t = a + b * batch + c * distinct; p from the two prefill sizes."""
+    pts = [q for q in points if q["mode"] != "none"]
+    X = np.array([[1.0, q["batch"], q["distinct"]] for q in pts])
+    y = np.array([q["step_s"] for q in pts])
+    (a, b, c), *_ = np.linalg.lstsq(X, y, rcond=None)
+    fit = {"a": float(max(a, 0.0)), "b": float(max(b, 0.0)), "c": float(max(c, 0.0))}
+    (n0, t0), (n1, t1) = prefill
+    fit["p"] = float(max((t1 - t0) / (n1 - n0), 0.0))
+    pred = X @ np.array([fit["a"], fit["b"], fit["c"]])
+    return fit, float(np.max(np.abs(pred - y) / y))
 
 
 # -- workload ----------------------------------------------------------------------------------
@@ -168,6 +176,8 @@ class SimGPU:
         self.id, self.cfg = gid, cfg
         self.running: OrderedDict[int, SimRequest] = OrderedDict()     # admission order
         self.pending: list[SimRequest] = []
+        self.pending_kv = 0         # KV tokens the pending requests need
+        self.new: list[SimRequest] = []     # admitted in the step now running
         self.step = 0               # index of the step now running (or next)
         self.S = 0                  # sum over running of (ctx0 - k); KV used = S + B * step
         self.finishes: list = []    # heap (finish step, req id, epoch)
@@ -181,8 +191,7 @@ class SimGPU:
         return len(self.running) + len(self.pending)
 
     def kv_committed(self) -> int:
-        return self.S + len(self.running) * (self.step + 1) + sum(r.prompt + r.gen + 1
-                                                                 for r in self.pending)
+        return self.S + len(self.running) * (self.step + 1) + self.pending_kv
 
     def view(self) -> EngineView:
         held = frozenset(self.resident) | frozenset(self.adapters_running)
@@ -234,6 +243,7 @@ class Simulator:
     def assign(self, g: SimGPU, r: SimRequest):
         was = g.load
         g.pending.append(r)
+        g.pending_kv += r.prompt + r.gen + 1
         r.gpu = g.id
         if was == 0:
             self.set_in_use(+1)
@@ -266,7 +276,7 @@ class Simulator:
                         break
                     del g.resident[victim]
             heapq.heappush(g.finishes, (r.k + r.out - r.gen - 1, r.id, r.epoch))
-        g.pending = []
+        g.new, g.pending, g.pending_kv = g.pending, [], 0
         # KV for this step's tokens: the newest requests migrate while it does not fit
         while g.running and g.S + len(g.running) * (g.step + 1) > self.cfg["kv_tokens"]:
             _, r = g.running.popitem()
@@ -294,9 +304,10 @@ class Simulator:
             del g.adapters_running[r.adapter]
 
     def end_step(self, g: SimGPU):
-        for r in g.running.values():
-            if r.first is None:
+        for r in g.new:
+            if r.first is None and r.id in g.running:
                 r.first = self.now
+        g.new = []
         done = False
         while g.finishes and g.finishes[0][0] <= g.step:
             _, rid, epoch = heapq.heappop(g.finishes)
@@ -364,6 +375,26 @@ def simulate(mix, n_gpus, rate, duration, policy, model, args, seed) -> dict:
             "gpus_in_use_series": series}
 
 
+def _task(t):
+    mix, n, rate, duration, pol, model, args, seed, load = t
+    r = simulate(mix, n, rate, duration, pol, model, args, seed)
+    r["load"] = load
+    r["latency_target_ms"] = 1e3 * args.latency_slack * step_time(
+        model, args.max_batch, expected_distinct(mix, args.max_batch, r["requests"]))
+    r["meets_target"] = r["latency_per_token_ms_p99"] <= r["latency_target_ms"]
+    return r
+
+
+def _report(r):
+    print(f"{r['mix']:9s} {r['gpus']:3d} GPUs load {r['load']:.2f} {r['policy']:12s}: in use "
+          f"{r['gpus_in_use_mean']:5.1f} (p95 {r['gpus_in_use_p95']:3d}), "
+          f"{r['throughput_tok_s']:8.0f} tok/s, p50/p99 {r['latency_per_token_ms_p50']:7.1f}/"
+          f"{r['latency_per_token_ms_p99']:7.1f} ms/token (target "
+          f"{r['latency_target_ms']:.0f}), migrations {r['migrations']}, {r['sim_wall_s']}s",
+          flush=True)
+    return r
+
+
 def step_time(model, batch, distinct):
     return model["a"] + model["b"] * batch + model["c"] * distinct
 
@@ -379,7 +410,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    ap.add_argument("--step-model", default=str(RESULTS / "cluster_sim_step_model_cpu.json"),
+    ap.add_argument("--step-model", default=str(RESULTS / "cluster_sim_step_model_h100.json"),
                     help="JSON with the fitted step model (written by --measure)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--loads", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8],
@@ -387,7 +418,7 @@ def main(argv=None):
     ap.add_argument("--mixes", nargs="+", default=list(MIXES))
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--duration", type=float, default=None,
-                    help="seconds of arrivals (default: 40 mean request lifetimes)")
+                    help="seconds of arrivals (default: 15 mean request lifetimes)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--kv-tokens", type=int, default=32768, help="KV tokens per GPU")
     ap.add_argument("--slots", type=int, default=32, help="adapter slots per GPU")
@@ -395,8 +426,13 @@ def main(argv=None):
     ap.add_argument("--latency-slack", type=float, default=1.5,
                     help="latency target: p99 per-token latency <= slack x a full batch's step")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="simulations run in parallel")
     ap.add_argument("--out", default=str(RESULTS / "cluster_sim.json"))
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a results JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return
 
     if args.measure:
         print(f"measuring the step model ({args.model}) ...", flush=True)
@@ -404,32 +440,28 @@ def main(argv=None):
         Path(args.step_model).write_text(json.dumps(sm, indent=2))
         print(f"fit: {sm['fit']}  -> {args.step_model}")
     sm = json.loads(Path(args.step_model).read_text())
+    sm["fit"], sm["fit_max_rel_error"] = fit_step_model(   # the fit rule lives in one place
+        sm["points"], [(q["tokens"], q["step_s"]) for q in sm["prefill_points"]])
     model = sm["fit"]
     mean_out = 192 * math.exp(0.8 ** 2 / 2)        # of the log-normal output lengths
-    results, summary = [], {}
+    results, summary, tasks = [], {}, []
     for mix in args.mixes:
         for n in args.gpus:
             full = step_time(model, args.max_batch, expected_distinct(mix, args.max_batch,
                                                                       10_000))
             lifetime = mean_out * full
-            duration = args.duration or 40 * lifetime
+            duration = args.duration or 15 * lifetime
             for load in args.loads:
                 rate = load * n * args.max_batch / lifetime
                 for pol in args.policies:
-                    r = simulate(mix, n, rate, duration, pol, model, args, args.seed)
-                    r["load"] = load
-                    r["latency_target_ms"] = 1e3 * args.latency_slack * step_time(
-                        model, args.max_batch, expected_distinct(mix, args.max_batch,
-                                                                 r["requests"]))
-                    r["meets_target"] = r["latency_per_token_ms_p99"] <= r["latency_target_ms"]
-                    results.append(r)
-                    print(f"{mix:9s} {n:3d} GPUs load {load:.1f} {pol:12s}: in use "
-                          f"{r['gpus_in_use_mean']:5.1f} (p95 {r['gpus_in_use_p95']:3d}), "
-                          f"{r['throughput_tok_s']:8.0f} tok/s, p50/p99 "
-                          f"{r['latency_per_token_ms_p50']:7.1f}/"
-                          f"{r['latency_per_token_ms_p99']:7.1f} ms/token "
-                          f"(target {r['latency_target_ms']:.0f}), migrations "
-                          f"{r['migrations']}, {r['sim_wall_s']}s", flush=True)
+                    tasks.append((mix, n, rate, duration, pol, model, args, args.seed, load))
+    if args.jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(args.jobs) as pool:
+            done = pool.imap(_task, tasks)
+            results = [_report(r) for r in done]
+    else:
+        results = [_report(_task(t)) for t in tasks]
     # per mix and fleet: GPUs in use where every policy meets the latency target
     for mix in args.mixes:
         for n in args.gpus:
