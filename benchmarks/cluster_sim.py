@@ -505,13 +505,15 @@ def plot(out: dict, path: Path) -> None:
     mid = loads[len(loads) // 2]
     fig, axes = plt.subplots(3, len(mixes), figsize=(4.2 * len(mixes), 10), squeeze=False)
     colors = {"punica": "C3", "round_robin": "C0", "least_loaded": "C2"}
+    styles = {"punica": "o-", "round_robin": "s--", "least_loaded": "^:"}
     for j, mix in enumerate(mixes):
         rows = [r for r in res if r["mix"] == mix and r["gpus"] == n]
         ax = axes[0][j]
         for r in rows:
             if r["load"] == mid:
                 t, k = zip(*r["gpus_in_use_series"])
-                ax.step(t, k, where="post", color=colors.get(r["policy"]), label=r["policy"])
+                ax.step(t, k, where="post", color=colors.get(r["policy"]), label=r["policy"],
+                        ls="--" if r["policy"] == "round_robin" else "-")
         ax.set_title(f"{mix}: GPUs in use over time\n({n} GPUs, load {mid})")
         ax.set_xlabel("time (s)")
         ax.set_ylim(0, n + 1)
@@ -520,7 +522,7 @@ def plot(out: dict, path: Path) -> None:
             pr = sorted((r for r in rows if r["policy"] == p), key=lambda r: r["load"])
             if pr:
                 ax.plot([r["throughput_tok_s"] for r in pr], [r["gpus_in_use_mean"] for r in pr],
-                        "o-", color=colors[p], label=p)
+                        styles[p], color=colors[p], label=p)
         ax.set_xlabel("throughput (tokens/s)")
         ax.set_ylabel("GPUs in use (mean)")
         ax = axes[2][j]
@@ -528,7 +530,7 @@ def plot(out: dict, path: Path) -> None:
             pr = sorted((r for r in rows if r["policy"] == p), key=lambda r: r["load"])
             if pr:
                 ax.plot([r["gpus_in_use_mean"] for r in pr],
-                        [r["latency_per_token_ms_p99"] for r in pr], "o-", color=colors[p],
+                        [r["latency_per_token_ms_p99"] for r in pr], styles[p], color=colors[p],
                         label=p)
         if rows:
             ax.axhline(rows[0]["latency_target_ms"], ls="--", color="gray", lw=1,
