@@ -259,6 +259,37 @@ def run_decode(copy_bw, quick):
     return results
 
 
+def launch_floor():
+    """Time of a shrink + expand pair with nothing to do (32 segments, all without an adapter):
+    the fixed cost of two dependent launches in a graph, which no amount of bandwidth removes."""
+    fin = fout = 4096
+    pool = Pool(fin, fout, 16, [16] * POOL_SLOTS)
+    n, calls = 32, 64
+    x = torch.randn(n, fin, device="cuda", dtype=DT)
+    y = torch.zeros(n, fout, device="cuda", dtype=DT)
+    v = torch.zeros(n, 16, device="cuda", dtype=DT)
+    indptr = torch.arange(n + 1, dtype=torch.int32, device="cuda")
+    none = torch.full((n,), -1, dtype=torch.int32, device="cuda")
+    out = {}
+    for pdl in (True, False):
+        def body():
+            for c in range(calls):
+                torch.ops.punica.sgmv_shrink(v, x, pool.a, indptr, none, pool.ranks, 0, 0, pdl)
+                torch.ops.punica.sgmv_expand(y, v, pool.b, indptr, none, pool.ranks, 0, 0, 0, pdl)
+        out["pdl" if pdl else "no_pdl"], _ = time_graph(body, calls)
+
+    def torch_pair():   # two tiny torch kernels, for scale
+        for c in range(calls):
+            v.add_(1)
+            y.add_(1)
+    out["two_torch_elementwise"], _ = time_graph(torch_pair, calls)
+    print("launch floor (empty shrink+expand pair): "
+          + ", ".join(f"{k} {t * 1e6:.2f} us" for k, t in out.items()), flush=True)
+    del pool
+    torch.cuda.empty_cache()
+    return out
+
+
 def run_mixed(copy_bw):
     """Ranks 4, 8, 16, 64, 128 (6 adapters each) + 2 rows without an adapter; 32 rows."""
     results = []
@@ -486,6 +517,7 @@ def main():
            "method": "median of CUDA-graph replays; weights rotated over >= 256 MB per replay",
            "quick": args.quick}
     t0 = time.time()
+    res["empty_pair_s"] = launch_floor()
     res["decode"] = run_decode(copy_bw, args.quick)
     res["mixed"] = run_mixed(copy_bw)
     res["prefill"] = run_prefill(args.quick)

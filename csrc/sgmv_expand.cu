@@ -7,8 +7,8 @@
 //    thread groups and summed through shared memory, so that every item reads about the same
 //    number of bytes whatever its rank (mixed ranks in one launch stay balanced).
 //  * expand_mma_kernel (prefill): 128 x 128 output tiles on tensor cores; the whole rank (<= 128)
-//    fits in one shared-memory tile; the fp32 result is staged through shared memory so that the
-//    read-modify-write of y is done with coalesced 16-byte accesses.
+//    fits in one shared-memory tile; the y tile is fetched into shared memory together with the
+//    operands and written back with coalesced 16-byte accesses.
 #include "sgmv_common.cuh"
 
 namespace punica {
@@ -64,7 +64,9 @@ __global__ void __launch_bounds__(kThreads) expand_simt_kernel(ExpandParams p) {
     const T* wp = w + g.slot * p.w_slot_stride + col0;
     for (int j = threadIdx.x; j < g.rank; j += kThreads) prefetch_l2(wp + int64_t(j) * N, bytes);
   }
-  pdl_wait();  // v is written by the previous kernel (shrink)
+  // The first U rows of b are loaded before waiting for the previous kernel (they do not depend
+  // on it); v and y may be written by that kernel, so they are read after.
+  bool waited = false;
 
   const int tid = threadIdx.x;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -78,9 +80,25 @@ __global__ void __launch_bounds__(kThreads) expand_simt_kernel(ExpandParams p) {
     const int per = ceil_div(g.rank, groups);
     const int jb = grp * per, je = min(g.rank, jb + per);
     const T* wp = w + g.slot * p.w_slot_stride + col;
+    T* yp = y + p.col_offset + col;
 
     for (int row0 = g.start; row0 < g.end; row0 += MT) {
       const int mt = min(MT, g.end - row0);
+      uint4 wr[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        wr[u] = col_ok && jb + u < je ? load8<T, VEC>(wp + int64_t(jb + u) * N, nvalid)
+                                      : make_uint4(0, 0, 0, 0);
+      if (!waited) {
+        pdl_wait();
+        waited = true;
+      }
+      uint4 yr[MT];  // y is loaded now, so that its latency overlaps the rest
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+        yr[i] = VEC && grp == 0 && col_ok && i < mt
+                    ? *reinterpret_cast<const uint4*>(yp + int64_t(row0 + i) * p.y_stride)
+                    : make_uint4(0, 0, 0, 0);
       for (int i = tid; i < mt * g.rank; i += kThreads) {
         const int r = i / g.rank, j = i % g.rank;
         vbuf[r * kMaxRank + j] = to_float(vin[int64_t(row0 + r) * p.v_stride + j]);
@@ -94,10 +112,11 @@ __global__ void __launch_bounds__(kThreads) expand_simt_kernel(ExpandParams p) {
         for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
       if (col_ok) {
         for (int j = jb; j < je; j += U) {
-          uint4 wr[U];  // U 16-byte loads in flight before any math
+          if (j > jb) {  // U 16-byte loads in flight before any math
 #pragma unroll
-          for (int u = 0; u < U; ++u)
-            wr[u] = j + u < je ? load8<T, VEC>(wp + int64_t(j + u) * N, nvalid) : make_uint4(0, 0, 0, 0);
+            for (int u = 0; u < U; ++u)
+              wr[u] = j + u < je ? load8<T, VEC>(wp + int64_t(j + u) * N, nvalid) : make_uint4(0, 0, 0, 0);
+          }
 #pragma unroll
           for (int u = 0; u < U; ++u) {
             if (j + u >= je) continue;
@@ -129,31 +148,43 @@ __global__ void __launch_bounds__(kThreads) expand_simt_kernel(ExpandParams p) {
       }
       if (grp == 0 && col_ok) {
 #pragma unroll
-        for (int i = 0; i < MT; ++i)
-          if (i < mt)
-            add_store8<T, VEC>(y + int64_t(row0 + i) * p.y_stride + p.col_offset + col, acc[i], nvalid);
+        for (int i = 0; i < MT; ++i) {
+          if (i >= mt) continue;
+          T* dst = yp + int64_t(row0 + i) * p.y_stride;
+          if constexpr (VEC) {
+            float cur[8];
+            unpack8<T>(yr[i], cur);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) cur[e] += acc[i][e];
+            *reinterpret_cast<uint4*>(dst) = pack8<T>(cur);
+          } else {
+            add_store8<T, false>(dst, acc[i], nvalid);
+          }
+        }
       }
       __syncthreads();  // vbuf and red are reused by the next rows
     }
   }
+  if (!waited) pdl_wait();  // a CTA must not finish before the kernel it depends on
 }
 
 // ------------------------------------------------------------------------------------------
 // Prefill kernel: C[BM x BN] = V[BM x R] . W[R x BN]; V is K-contiguous, W is N-contiguous
-// (so its fragments come from ldmatrix.trans).
+// (so its fragments come from ldmatrix.trans). The y tile is fetched into shared memory with the
+// operands (its latency overlaps theirs), updated there in fp32 from the accumulators, and
+// written back with coalesced 16-byte stores.
 constexpr int kBM = 128, kBN = 128;
-constexpr int kCStride = kBN + 4;  // fp32 staging row, padded against bank conflicts
-constexpr size_t kTileBytes = size_t(kBM) * kMaxRank * 2 * 2;      // V and W tiles: 64 KB
-constexpr size_t kStageBytes = size_t(kBM) * kCStride * 4;         // 66 KB
-constexpr size_t kMmaSmem = kTileBytes > kStageBytes ? kTileBytes : kStageBytes;
+constexpr size_t kTileElems = size_t(kBM) * kMaxRank;         // V, W and Y tiles: 32 KB each
+constexpr size_t kMmaSmem = 3 * kTileElems * 2;               // 96 KB
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Vs = reinterpret_cast<T*>(smem_raw);        // [kBM][kMaxRank] swizzled
-  T* Ws = Vs + kBM * kMaxRank;                   // [kMaxRank][kBN] swizzled
-  float* Cs = reinterpret_cast<float*>(smem_raw);  // [kBM][kCStride], overlays the tiles
+  T* Ws = Vs + kTileElems;                       // [kMaxRank][kBN] swizzled
+  T* Ys = Ws + kTileElems;                       // [kBM][kBN] swizzled
   int* prefix = reinterpret_cast<int*>(smem_raw + kMmaSmem);
+  using T2 = typename Pair<T>::type;
 
   const SegmentArgs& sa = p.seg;
   const int N = p.out_features, ntiles = ceil_div(N, kBN);
@@ -175,7 +206,14 @@ __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
     const int m0 = g.start + (local / ntiles) * kBM, n0 = (local % ntiles) * kBN;
     const int kpad = ceil_div(g.rank, 16) * 16;
     const T* wp = w + g.slot * p.w_slot_stride + n0;
+    T* yt = y + p.col_offset + n0;
 
+    // Y tile (rows past the segment and columns past out are neither read nor written).
+    for (int i = tid; i < kBM * (kBN / 8); i += kThreads) {
+      const int row = i >> 4, c = (i & 15) * 8;
+      const bool ok = m0 + row < g.end && n0 + c < N;
+      cp_async16(Ys + swz(row, c, kBN), ok ? yt + int64_t(m0 + row) * p.y_stride + c : y, ok ? 16 : 0);
+    }
     // V tile: ranks past r are zero-filled (v's columns there are unspecified, maybe NaN).
     for (int i = tid; i < kBM * (kpad / 8); i += kThreads) {
       const int row = i / (kpad / 8), k = (i % (kpad / 8)) * 8;
@@ -216,8 +254,8 @@ __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
         }
       }
     }
-    __syncthreads();  // everyone is done with the tiles before they become the staging area
 
+    // y += C in shared memory: each thread owns pairs (row, 2 adjacent columns) of its fragments.
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -226,23 +264,21 @@ __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
         for (int h = 0; h < 2; ++h) {
           const int row = wm * 32 + mi * 16 + (lane >> 2) + h * 8;
           const int c = wn * 64 + ni * 8 + (lane & 3) * 2;
-          *reinterpret_cast<float2*>(Cs + row * kCStride + c) =
-              make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+          T2* cell = reinterpret_cast<T2*>(Ys + swz(row, c, kBN));
+          const float2 cur = to_float2(*cell);
+          T2 out;
+          out.x = from_float<T>(cur.x + acc[mi][ni][2 * h]);
+          out.y = from_float<T>(cur.y + acc[mi][ni][2 * h + 1]);
+          *cell = out;
         }
     __syncthreads();
-
-    // y += C with 16-byte accesses: a row of 128 columns is 16 chunks of 8.
     for (int i = tid; i < kBM * (kBN / 8); i += kThreads) {
       const int row = i >> 4, c = (i & 15) * 8;
-      if (m0 + row >= g.end || n0 + c >= N) continue;
-      float add[8];
-      const float4 lo = *reinterpret_cast<const float4*>(Cs + row * kCStride + c);
-      const float4 hi = *reinterpret_cast<const float4*>(Cs + row * kCStride + c + 4);
-      add[0] = lo.x; add[1] = lo.y; add[2] = lo.z; add[3] = lo.w;
-      add[4] = hi.x; add[5] = hi.y; add[6] = hi.z; add[7] = hi.w;
-      add_store8<T, true>(y + int64_t(m0 + row) * p.y_stride + p.col_offset + n0 + c, add, 8);
+      if (m0 + row < g.end && n0 + c < N)
+        *reinterpret_cast<uint4*>(yt + int64_t(m0 + row) * p.y_stride + c) =
+            *reinterpret_cast<const uint4*>(Ys + swz(row, c, kBN));
     }
-    __syncthreads();  // the staging area becomes the next item's tiles
+    __syncthreads();  // the tiles are reloaded for the next item
   }
 }
 

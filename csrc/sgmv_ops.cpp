@@ -15,6 +15,12 @@ namespace {
 // segments) stays on the memory-bound kernels, a prefill chunk goes to the tensor cores.
 constexpr int64_t kMmaMinRowsPerSegment = 8;
 
+std::string dims(c10::IntArrayRef d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
 void check_cuda(const char* fn, const at::Tensor& t, const char* name, const at::Device& dev) {
   TORCH_CHECK(t.is_cuda(), "punica::", fn, ": ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.device() == dev, "punica::", fn, ": ", name, " is on ", t.device(), " but x is on ",
@@ -31,11 +37,11 @@ void check_index(const char* fn, const at::Tensor& t, const char* name, const at
 
 // Rows of a 2-D activation: last dimension contiguous, 16-byte aligned rows for the fast paths.
 void check_rows(const char* fn, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "punica::", fn, ": ", name, " must be 2-D, got ", t.sizes());
+  TORCH_CHECK(t.dim() == 2, "punica::", fn, ": ", name, " must be 2-D, got ", dims(t.sizes()));
   TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "punica::", fn, ": ", name,
-              " must be contiguous in its last dimension (got strides ", t.strides(), ")");
+              " must be contiguous in its last dimension (got strides ", dims(t.strides()), ")");
   TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), "punica::", fn, ": ", name,
-              " rows overlap (strides ", t.strides(), ")");
+              " rows overlap (strides ", dims(t.strides()), ")");
 }
 
 bool aligned16(const at::Tensor& t, int64_t elem_offset = 0) {
@@ -86,7 +92,7 @@ void check_weights(const char* fn, const at::Tensor& w, const char* name, const 
   TORCH_CHECK(w.scalar_type() == like.scalar_type(), "punica::", fn, ": ", name, " is ",
               w.scalar_type(), " but the activations are ", like.scalar_type());
   TORCH_CHECK(w.dim() == 4, "punica::", fn, ": ", name,
-              " must be [slots, layers, max_rank, features], got ", w.sizes());
+              " must be [slots, layers, max_rank, features], got ", dims(w.sizes()));
   TORCH_CHECK(w.is_contiguous(), "punica::", fn, ": ", name, " must be contiguous");
 }
 

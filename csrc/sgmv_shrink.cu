@@ -39,7 +39,9 @@ __global__ void __launch_bounds__(kThreads) shrink_simt_kernel(ShrinkParams p) {
     const int rt = min(RT, g.rank - j0);
     prefetch_span_l2(w + g.slot * p.w_slot_stride + int64_t(j0) * K, int64_t(rt) * K * sizeof(T));
   }
-  pdl_wait();  // x may be written by the previous kernel, v may be read by it
+  // The first batch of weight loads is issued before waiting for the previous kernel (they do
+  // not depend on it); x may be written by that kernel and v read by it, so both come after.
+  bool waited = false;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K8 = VEC ? K / 8 : ceil_div(K, 8);
@@ -70,6 +72,16 @@ __global__ void __launch_bounds__(kThreads) shrink_simt_kernel(ShrinkParams p) {
           for (int j = 0; j < RT; ++j)
             wr[u][j] = (ok && j < rt) ? load8<T, VEC>(wp + int64_t(j) * K + kk * 8, nvalid)
                                       : make_uint4(0, 0, 0, 0);
+        }
+        if (!waited) {
+          pdl_wait();
+          waited = true;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int kk = k8 + u * kThreads;
+          const bool ok = kk < K8;
+          const int nvalid = K - kk * 8;
 #pragma unroll
           for (int i = 0; i < MT; ++i)
             xr[u][i] = (ok && i < mt)
@@ -93,6 +105,10 @@ __global__ void __launch_bounds__(kThreads) shrink_simt_kernel(ShrinkParams p) {
           }
         }
       }
+      if (!waited) {  // threads past the end of K: v is written below
+        pdl_wait();
+        waited = true;
+      }
 
       // Block reduction: warp shuffles, then one value per warp through shared memory.
 #pragma unroll
@@ -115,6 +131,7 @@ __global__ void __launch_bounds__(kThreads) shrink_simt_kernel(ShrinkParams p) {
       __syncthreads();
     }
   }
+  if (!waited) pdl_wait();  // a CTA must not finish before the kernel it depends on
 }
 
 // ------------------------------------------------------------------------------------------
@@ -271,7 +288,8 @@ cudaError_t launch_mma(const ShrinkParams& p, const LaunchOptions& o) {
   const int grid = max(1, min(upper, o.num_sms * occ));
   err = launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p);
   if (err != cudaSuccess || p.ksplit == 1) return err;
-  const int gx = max(1, min(64, ceil_div(2 * o.num_sms, p.seg.num_seg)));
+  // one CTA per row of an average segment (the loop covers longer ones): rows in parallel
+  const int gx = max(1, min(65535, ceil_div(p.seg.num_rows, p.seg.num_seg)));
   return launch(shrink_finalize_kernel<T>, dim3(gx, p.seg.num_seg), dim3(kMaxRank), 0, o.stream,
                 false, p);
 }
@@ -284,11 +302,12 @@ cudaError_t shrink_simt(DType dt, const ShrinkParams& p, const LaunchOptions& o)
   return o.vec ? launch_simt<__nv_bfloat16, true>(p, o) : launch_simt<__nv_bfloat16, false>(p, o);
 }
 
-// Enough K-slices that the CTAs fill the GPU twice over, each at least 4 k-tiles long.
+// Enough K-slices that the work items fill the GPU's two CTAs per SM in one wave (a second,
+// partial wave would double the time), each slice at least 4 k-tiles long.
 int shrink_mma_ksplit(int num_rows, int in_features, int num_sms) {
   const int mtiles = max(1, ceil_div(num_rows, kBM));
   const int most = max(1, ceil_div(in_features, kBK) / 4);
-  return max(1, min(most, ceil_div(2 * num_sms, mtiles)));
+  return max(1, min(most, (2 * num_sms) / mtiles));
 }
 
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
