@@ -431,12 +431,12 @@ class Router:
                     self._release(e)
                     n -= 1
         if self.cfg.drain and now - self._last_drain > 1.0 and not self.queue:
-            self._last_drain = now
             views = self._views()
             needs = {e.id: [r.blocks_needed(e.block_size) for r in e.reqs.values()]
                      for e in self.engines.values() if e.state == "ready"}
             src = plan_drain(views, needs, self.cfg.drain_below)
             if src is not None:
+                self._last_drain = now
                 e = self.engines[src]
                 e.draining, e.taking = True, set(e.reqs)
                 self._event("drain", e, requests=sorted(e.taking))

@@ -131,3 +131,27 @@ def test_killing_an_engine_loses_no_request(ray_cluster):
         assert c.router.counters["rerouted"] == 2
     finally:
         c.close()
+
+
+def test_drain_moves_a_lightly_loaded_engines_requests_onto_a_busier_one(ray_cluster):
+    cfg = ClusterConfig(engine=EngineConfig(max_batch=4, **dict(TINY, num_kv_blocks=256)),
+                        max_engines=2, idle_release_s=0.3, min_engines=1, drain=True,
+                        drain_below=0.5)
+    c = ClusterEngine(cfg)
+    try:
+        long = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
+        short = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        reqs = [c.add_request(None, p, prompt_ids=[9, 9, i])
+                for i, p in enumerate([long, long, long, short, long])]
+        assert [e["batch"] for e in c.engines()] == [4, 1]
+        threads, results = consume_all([r.stream for r in reqs])
+        for t in threads:
+            t.join(120)
+        # once the short one left engine 0 had room: engine 1's request moved there
+        assert c.router.counters["migrations_drain"] == 1
+        assert reqs[4].engines_seen == [1, 0]
+        for (last, new), want in zip(results, [600, 600, 600, 10, 600]):
+            assert last.finish_reason == "length" and len(new) == want == len(last.token_ids)
+        wait_for(lambda: c.engines()[1]["state"] == "released", 10, "engine 1's release")
+    finally:
+        c.close()
