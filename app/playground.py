@@ -12,11 +12,12 @@ from punica_core import PunicaError
 
 from . import panels
 from .playground_chat import (BASE, MAX_COMPARE, NONE, add_user_message, adapter_choices,
-                              make_compare, make_respond)
+                              check_message, make_compare, make_respond)
 from .playground_uploads import register_upload
 from .state import ServerState
 
 PLOT_H = 230
+FMT = dict(x_axis_format=",~f", y_axis_format=",~f")     # "0", not "0.000000", when idle
 
 
 def build_playground(state: ServerState) -> gr.Blocks:
@@ -29,7 +30,7 @@ def build_playground(state: ServerState) -> gr.Blocks:
 
     def upload(name: str, files):
         if not state.config.allow_upload:
-            raise gr.Error("Uploads are disabled on this server (--no-upload).")
+            raise gr.Error("Adapter uploads are disabled on this server (--no-upload).")
         paths = [f if isinstance(f, str) else f.name for f in (files or [])]
         try:
             msg = "✅ " + register_upload(engine, name, paths, state.upload_dir,
@@ -121,37 +122,41 @@ def build_playground(state: ServerState) -> gr.Blocks:
             by_adapter = gr.BarPlot(x="step", y="rows", color="adapter", x_bin=1,
                                     color_map=adapter_colors(),
                                     title="batch: rows per adapter (last 40 steps)",
-                                    height=PLOT_H, elem_id="batch-plot")
+                                    height=PLOT_H, **FMT, elem_id="batch-plot")
             by_phase = gr.BarPlot(x="step", y="rows", color="phase", x_bin=1,
                                   color_map=panels.PHASE_COLORS,
                                   title="batch: prefill tokens vs decode rows",
-                                  height=PLOT_H, elem_id="phase-plot")
+                                  height=PLOT_H, **FMT, elem_id="phase-plot")
             latency = gr.LinePlot(x="seconds ago", y="ms per token", color="quantile",
                                   color_map=panels.QUANTILE_COLORS,
-                                  title="per-token latency p50 / p99", height=PLOT_H,
+                                  title="per-token latency p50 / p99", height=PLOT_H, **FMT,
                                   elem_id="lat-plot")
         with gr.Row():
             tput = gr.LinePlot(x="seconds ago", y="tokens/s", title="tokens/s",
-                               height=PLOT_H, elem_id="tput-plot")
+                               height=PLOT_H, **FMT, elem_id="tput-plot")
             queue = gr.LinePlot(x="seconds ago", y="requests", color="state",
                                 color_map=panels.QUEUE_COLORS,
-                                title="queue depth and running requests", height=PLOT_H,
+                                title="queue depth and running requests", height=PLOT_H, **FMT,
                                 elem_id="queue-plot")
             memory = gr.BarPlot(x="memory", y="MiB", color="part",
                                 colors_in_legend=panels.MEMORY_PARTS,
                                 title="memory (MiB): engine parts vs the whole",
-                                height=PLOT_H, elem_id="mem-plot")
+                                height=PLOT_H, y_axis_format=",~f", elem_id="mem-plot")
             slots = gr.Dataframe(label="adapter slots", interactive=False, elem_id="slots")
 
         # ---- events -----------------------------------------------------------------------
         respond = make_respond(state)
         chat_inputs = [chatbot, adapter, system, temperature, top_p, max_tokens]
-        ev1 = msg.submit(add_user_message, [msg, chatbot], [msg, chatbot], queue=False,
-                         api_name="add_message") \
-            .then(respond, chat_inputs, chatbot, concurrency_limit=None, api_name="chat")
-        ev2 = send.click(add_user_message, [msg, chatbot], [msg, chatbot], queue=False,
-                         api_name=False) \
-            .then(respond, chat_inputs, chatbot, concurrency_limit=None, api_name=False)
+        # an empty message is refused by a check with no outputs: a toast, no error overlay
+        ev1 = msg.submit(check_message, msg, None, show_progress="hidden",
+                         api_name="check_message") \
+            .success(add_user_message, [msg, chatbot], [msg, chatbot], queue=False,
+                     api_name=False) \
+            .success(respond, chat_inputs, chatbot, concurrency_limit=None, api_name="chat")
+        ev2 = send.click(check_message, msg, None, show_progress="hidden", api_name=False) \
+            .success(add_user_message, [msg, chatbot], [msg, chatbot], queue=False,
+                     api_name=False) \
+            .success(respond, chat_inputs, chatbot, concurrency_limit=None, api_name=False)
         stop.click(None, None, None, cancels=[ev1, ev2])
         clear.click(lambda: [], None, chatbot, queue=False, cancels=[ev1, ev2])
         crun.click(make_compare(state), [cprompt, csystem, cmax, *picks], couts,

@@ -53,9 +53,12 @@ def adapter_arg(choice: str | None) -> str | None:
     return None if choice in (None, "", BASE, NONE) else choice
 
 
-def add_user_message(message: str, history: list):
+def check_message(message: str) -> None:
     if not message or not message.strip():
-        raise gr.Error(EMPTY)
+        raise gr.Error(EMPTY, duration=6)
+
+
+def add_user_message(message: str, history: list):
     return "", list(history or []) + [{"role": "user", "content": message}]
 
 
@@ -67,7 +70,7 @@ def make_respond(state: ServerState):
         history = list(history or [])
         if not history or history[-1].get("role") != "user" \
                 or not text_of(history[-1].get("content")).strip():
-            raise gr.Error(EMPTY)
+            raise gr.Error(EMPTY, duration=6)
         try:
             params = SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature),
                                     top_p=float(top_p))

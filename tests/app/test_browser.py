@@ -35,6 +35,10 @@ def engine_status(page) -> str:
 def test_chat_streams_with_an_adapter_and_panels_update_then_stop(page, live_server):
     engine = live_server.state.engine
     aborted = engine.metrics.finished_by_reason["abort"]
+    page.click("#send")                 # an empty message: a clear message, nothing sent
+    page.get_by_text("the message is empty").first.wait_for(timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / "empty_message.png"), full_page=True)
+    assert engine.status()["running"] == 0 and not page.locator("#chatbot .bot").count()
     page.click("#adapter input")
     page.get_by_role("option", name="r8_all").click()
     page.fill("#message textarea", "Tell me about the sea.")

@@ -89,7 +89,7 @@ def test_stop_cancels_the_request_inside_the_engine(live_server, client):
 
 def test_bad_chat_inputs_show_clear_messages(live_server, client, parity_adapters):
     from gradio_client.exceptions import AppError
-    for call in (lambda: client.predict("   ", [], api_name="/add_message"),
+    for call in (lambda: client.predict("   ", api_name="/check_message"),
                  lambda: client.predict(*chat_args(None, " "), api_name="/chat")):
         with pytest.raises(AppError, match="the message is empty"):
             call()
@@ -190,11 +190,13 @@ def test_unload_refused_while_in_use_then_allowed(live_server, client):
     job.cancel()
 
 
-def test_oversized_upload_is_refused(default_loaded, tmp_path_factory, parity_adapters,
-                                     tmp_path):
-    from live_server import start_server
+def test_oversized_upload_and_no_upload_are_refused(default_loaded, tmp_path_factory,
+                                                    parity_adapters, tmp_path):
     from gradio_client import Client
-    srv = start_server(default_loaded, tmp_path_factory, {}, max_upload_mb=1)
+    from gradio_client.exceptions import AppError
+    from live_server import start_server
+    srv = start_server(default_loaded, tmp_path_factory, {}, max_upload_mb=1,
+                       allow_upload=False)
     try:
         client = Client(srv.url + "/", verbose=False)
         big = {"big.zip": b"\0" * (2 << 20)}
@@ -203,7 +205,11 @@ def test_oversized_upload_is_refused(default_loaded, tmp_path_factory, parity_ad
         except Exception as e:      # Gradio itself refuses files over max_file_size
             msg = str(e)
         assert "exceeds the maximum file size of 1048576 bytes" in msg, msg
-        assert "big" not in srv.state.engine.store
+        small = {n: (parity_adapters["r4_qv"] / n).read_bytes()
+                 for n in ("adapter_config.json", "adapter_model.safetensors")}
+        with pytest.raises(AppError, match="uploads are disabled"):     # --no-upload
+            upload(client, tmp_path, "small", small)
+        assert not srv.state.engine.store.names()
     finally:
         srv.stop()
 
