@@ -6,6 +6,7 @@ registers one from its source the first time a request that uses it lands there.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -100,6 +101,14 @@ class ClusterEngine:
     def has_work(self) -> bool:
         return self.router.has_work()
 
+    def step(self) -> list:
+        """The router steps the engines; an EngineLoop wrapped around this object (e.g.
+        AsyncEngine(cluster) without loop=cluster.loop) only idles here."""
+        time.sleep(0.05)
+        return []
+
+    on_new_work = staticmethod(lambda: None)
+
     # -- introspection -----------------------------------------------------------------------
     def engines(self) -> list[dict]:
         """One row per engine: its batch (requests placed there), KV use, adapters, state."""
@@ -123,13 +132,14 @@ class ClusterEngine:
         return list(self.router.events)
 
     def memory(self) -> dict:
-        out: Counter = Counter()
-        for e in self.router.engines.values():
+        out: Counter = Counter({k: 0 for k in ("weights", "kv_cache", "kv_cache_used",
+                                                 "adapters", "process_rss")})
+        for e in list(self.router.engines.values()):
             if e.state == "ready":
                 for k, v in e.snapshot.get("memory", {}).items():
                     if isinstance(v, (int, float)):
                         out[k] += v
-        return dict(out, device=self.model.device, engines=sum(
+        return dict(out, device=str(self.model.device).split(":")[0], engines=sum(
             e.state == "ready" for e in self.router.engines.values()))
 
     def close(self) -> None:
@@ -143,6 +153,11 @@ class ClusterMetrics:
     def __init__(self, router: Router):
         self.router = router
         self.started = time.time()
+        self._lock = threading.Lock()       # readers of EngineMetrics take it; nothing to guard
+
+    @property
+    def steps(self) -> list:
+        return self.recent()
 
     def recent(self, n: int | None = None) -> list:
         steps = []
@@ -170,7 +185,7 @@ class ClusterMetrics:
 
     @property
     def ttft(self) -> list:
-        return []
+        return list(self.router.ttfts)
 
 
 class _ClusterPool:

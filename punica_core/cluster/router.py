@@ -135,6 +135,7 @@ class Router:
         self.adapters: dict[str, object] = {}       # name -> source, registered on demand
         self.events: deque[dict] = deque(maxlen=1000)   # starts, releases, losses, drains
         self.counters: Counter = Counter()
+        self.ttfts: deque[float] = deque(maxlen=4096)   # time to first token, all engines
         self.max_waiting = config.max_waiting or config.engine.max_waiting
         self._next_engine = 0
         self._start_failures = 0
@@ -347,6 +348,7 @@ class Router:
                 continue
             if new and r.ttft is None:
                 r.ttft = time.perf_counter() - r.arrival
+                self.ttfts.append(r.ttft)
             r.tokens.extend(new)
             delta, r.pending_text = r.pending_text + delta, ""
             r.text += delta

@@ -1,11 +1,12 @@
 """The cluster on a local Ray cluster of CPU engines: consolidation, migration mid-stream,
 losing an engine, the LLM API. Each engine is a Ray actor running the CPU engine."""
+import asyncio
 import threading
 import time
 
 import pytest
 
-from punica_core import LLM, EngineConfig, SamplingParams
+from punica_core import LLM, AsyncEngine, EngineConfig, SamplingParams
 from punica_core.cluster import ClusterConfig, ClusterEngine
 
 TINY = dict(model="random:tiny", num_kv_blocks=64, block_size=16)
@@ -70,6 +71,14 @@ def test_consolidation_packs_one_engine_then_releases_idle(ray_cluster):
             assert len(new) == 40 and last.finish_reason == "length"
         # (the fourth may finish on engine 0 before engine 2 is up: the tiny model is fast)
         assert any(ev["event"] == "engine_starting" and ev["engine"] == 2 for ev in c.events())
+        # the server's path: AsyncEngine over the cluster, async streams
+        ae = AsyncEngine(c, loop=c.loop)
+
+        async def one():
+            return [o async for o in ae.generate(None, params, prompt_ids=[3, 4, 5])]
+        outs = asyncio.run(one())
+        assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 40
+        assert c.status()["engines"] and c.metrics.recent(4) and c.memory()["weights"] > 0
     finally:
         c.close()
 
