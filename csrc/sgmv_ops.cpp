@@ -15,6 +15,11 @@ namespace {
 // segments) stays on the memory-bound kernels, a prefill chunk goes to the tensor cores.
 constexpr int64_t kMmaMinRowsPerSegment = 8;
 
+// Numbers in error messages are formatted with std::to_string, never by streaming an integer
+// into an ostream: on the device machine (extensions built by another g++ than torch's) the
+// latter crashed inside TORCH_CHECK.
+std::string num(int64_t v) { return std::to_string(v); }
+
 std::string dims(c10::IntArrayRef d) {
   std::string s = "[";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
@@ -64,16 +69,16 @@ SegmentArgs segment_args(const char* fn, const at::Tensor& weights, const at::Te
   check_index(fn, slot_ids, "slot_ids", dev);
   check_index(fn, ranks, "ranks", dev);
   TORCH_CHECK(seg_indptr.numel() == slot_ids.numel() + 1, "punica::", fn,
-              ": seg_indptr must have one more entry than slot_ids (", seg_indptr.numel(), " vs ",
-              slot_ids.numel(), ")");
-  TORCH_CHECK(slot_ids.numel() <= kMaxSegments, "punica::", fn, ": at most ", kMaxSegments,
-              " segments per call, got ", slot_ids.numel());
-  TORCH_CHECK(ranks.numel() == weights.size(0), "punica::", fn, ": ranks has ", ranks.numel(),
-              " entries but the weights have ", weights.size(0), " slots");
-  TORCH_CHECK(layer >= 0 && layer < weights.size(1), "punica::", fn, ": layer ", layer,
-              " out of range [0, ", weights.size(1), ")");
-  TORCH_CHECK(weights.size(2) <= kMaxRank, "punica::", fn, ": max rank ", weights.size(2),
-              " exceeds the supported ", kMaxRank);
+              ": seg_indptr must have one more entry than slot_ids (", num(seg_indptr.numel()), " vs ",
+              num(slot_ids.numel()), ")");
+  TORCH_CHECK(slot_ids.numel() <= kMaxSegments, "punica::", fn, ": at most ", num(kMaxSegments),
+              " segments per call, got ", num(slot_ids.numel()));
+  TORCH_CHECK(ranks.numel() == weights.size(0), "punica::", fn, ": ranks has ", num(ranks.numel()),
+              " entries but the weights have ", num(weights.size(0)), " slots");
+  TORCH_CHECK(layer >= 0 && layer < weights.size(1), "punica::", fn, ": layer ", num(layer),
+              " out of range [0, ", num(weights.size(1)), ")");
+  TORCH_CHECK(weights.size(2) <= kMaxRank, "punica::", fn, ": max rank ", num(weights.size(2)),
+              " exceeds the supported ", num(kMaxRank));
   TORCH_CHECK(num_rows < (int64_t(1) << 31), "punica::", fn, ": too many rows");
   SegmentArgs s;
   s.seg_indptr = seg_indptr.data_ptr<int32_t>();
@@ -137,12 +142,12 @@ void sgmv_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a,
   check_weights(fn, a, "a", x, dev);
   check_rows(fn, x, "x");
   check_rows(fn, v, "v");
-  TORCH_CHECK(v.size(0) == x.size(0), "punica::sgmv_shrink: v has ", v.size(0), " rows, x has ",
-              x.size(0));
-  TORCH_CHECK(a.size(3) == x.size(1), "punica::sgmv_shrink: a has in_features ", a.size(3),
-              " but x has ", x.size(1));
-  TORCH_CHECK(v.size(1) >= a.size(2), "punica::sgmv_shrink: v has ", v.size(1),
-              " columns, fewer than the max rank ", a.size(2));
+  TORCH_CHECK(v.size(0) == x.size(0), "punica::sgmv_shrink: v has ", num(v.size(0)), " rows, x has ",
+              num(x.size(0)));
+  TORCH_CHECK(a.size(3) == x.size(1), "punica::sgmv_shrink: a has in_features ", num(a.size(3)),
+              " but x has ", num(x.size(1)));
+  TORCH_CHECK(v.size(1) >= a.size(2), "punica::sgmv_shrink: v has ", num(v.size(1)),
+              " columns, fewer than the max rank ", num(a.size(2)));
   const SegmentArgs seg = segment_args(fn, a, seg_indptr, slot_ids, ranks, layer, x.size(0), dev);
   const Path p = path_of(path);
   if (seg.num_seg == 0 || x.size(0) == 0) return;
@@ -190,13 +195,13 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
   check_weights(fn, b, "b", y, dev);
   check_rows(fn, y, "y");
   check_rows(fn, v, "v");
-  TORCH_CHECK(v.size(0) == y.size(0), "punica::sgmv_expand: v has ", v.size(0), " rows, y has ",
-              y.size(0));
-  TORCH_CHECK(v.size(1) >= b.size(2), "punica::sgmv_expand: v has ", v.size(1),
-              " columns, fewer than the max rank ", b.size(2));
+  TORCH_CHECK(v.size(0) == y.size(0), "punica::sgmv_expand: v has ", num(v.size(0)), " rows, y has ",
+              num(y.size(0)));
+  TORCH_CHECK(v.size(1) >= b.size(2), "punica::sgmv_expand: v has ", num(v.size(1)),
+              " columns, fewer than the max rank ", num(b.size(2)));
   const int64_t N = b.size(3);
   TORCH_CHECK(col_offset >= 0 && col_offset + N <= y.size(1), "punica::sgmv_expand: columns [",
-              col_offset, ", ", col_offset + N, ") do not fit in y with ", y.size(1), " columns");
+              num(col_offset), ", ", num(col_offset + N), ") do not fit in y with ", num(y.size(1)), " columns");
   TORCH_CHECK(N < (int64_t(1) << 30), "punica::sgmv_expand: out_features too large");
   const SegmentArgs seg = segment_args(fn, b, seg_indptr, slot_ids, ranks, layer, y.size(0), dev);
   const Path p = path_of(path);
