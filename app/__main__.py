@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--engines", type=int, default=1,
+                   help="run N engines (one per GPU) as Ray actors behind Punica's "
+                        "consolidating router (default 1: one engine in this process)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="most requests decoding together in one step (default 32)")
     p.add_argument("--max-adapters-on-gpu", type=int, default=8,
@@ -53,7 +56,8 @@ def main(argv=None) -> None:
                        device=args.device, host=args.host, port=args.port,
                        max_batch=args.max_batch, max_adapters_on_gpu=args.max_adapters_on_gpu,
                        max_waiting=args.max_waiting, allow_upload=not args.no_upload,
-                       max_upload_mb=args.max_upload_mb, api_key=args.api_key)
+                       max_upload_mb=args.max_upload_mb, api_key=args.api_key,
+                       engines=args.engines)
     state = build_state(cfg)
     app = create_app(state)
     print(f"[punica] playground: http://{args.host}:{args.port}/   "

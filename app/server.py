@@ -23,13 +23,23 @@ def discover_adapters(folder: str | None) -> list[Path]:
 
 def build_state(cfg: ServerConfig, engine: Engine | None = None, progress=print) -> ServerState:
     if engine is None:
-        progress(f"[punica] loading model {cfg.model!r} ...")
-        engine = Engine(EngineConfig(model=cfg.model, device=cfg.device, max_batch=cfg.max_batch,
-                                     max_adapters_on_gpu=cfg.max_adapters_on_gpu,
-                                     max_waiting=cfg.max_waiting))
+        engine_cfg = EngineConfig(model=cfg.model, device=cfg.device, max_batch=cfg.max_batch,
+                                  max_adapters_on_gpu=cfg.max_adapters_on_gpu,
+                                  max_waiting=cfg.max_waiting)
+        if cfg.engines > 1:
+            from punica_core.cluster import ClusterConfig, ClusterEngine
+            progress(f"[punica] starting up to {cfg.engines} engines on Ray ...")
+            engine = ClusterEngine(ClusterConfig(engine=engine_cfg, max_engines=cfg.engines))
+        else:
+            progress(f"[punica] loading model {cfg.model!r} ...")
+            engine = Engine(engine_cfg)
     progress(f"[punica] model {engine.name} on {engine.model.device} "
              f"({engine.model.weight_bytes / 2**20:.0f} MiB of weights)")
-    for path in discover_adapters(cfg.adapters_dir):
+    found = discover_adapters(cfg.adapters_dir)
+    if not found:
+        progress(f"[punica] no adapters found in {cfg.adapters_dir!r}; upload some in the "
+                 "Adapters tab or pass --adapters DIR")
+    for path in found:
         try:
             info = engine.register_adapter(path.name, path)
             progress(f"[punica] adapter {info.name}: rank {info.rank}, "
@@ -38,7 +48,9 @@ def build_state(cfg: ServerConfig, engine: Engine | None = None, progress=print)
             progress(f"[punica] skipped adapter {path.name}: {e}")
     upload_dir = Path(cfg.upload_dir or tempfile.mkdtemp(prefix="punica-uploads-"))
     upload_dir.mkdir(parents=True, exist_ok=True)
-    return ServerState(cfg, engine, AsyncEngine(engine), upload_dir)
+    # a cluster brings its own router thread; a single engine gets an EngineLoop
+    return ServerState(cfg, engine, AsyncEngine(engine, loop=getattr(engine, "loop", None)),
+                       upload_dir)
 
 
 def create_app(state: ServerState) -> FastAPI:
