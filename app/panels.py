@@ -161,8 +161,8 @@ def status_markdown(engine: Engine) -> str:
     slots = st["slots"]
     last = engine.metrics.recent(1)
     busy = last and last[0].time >= time.time() - 2.0
-    batch = (f"{last[0].prefill_tokens} prefill + {last[0].decode_rows} decode rows, "
-             f"{len(last[0].rows_per_adapter)} adapter(s)") if busy else "idle"
+    batch = (f"{last[0].prefill_tokens} prefill + {last[0].decode_rows} decode rows "
+             f"({', '.join(sorted(last[0].rows_per_adapter))})") if busy else "idle"
     return (f"**queue** {st['waiting']} waiting · **running** {st['running']} · "
             f"**batch** {batch} · **tokens/s** {tokens_per_second(engine):.1f} · "
             f"**KV blocks** {st['kv_blocks_used']}/{st['kv_blocks_total']} · "

@@ -76,6 +76,7 @@ def test_compare_side_by_side(page):
     page.wait_for_function("() => [...document.querySelectorAll('textarea')]"
                            ".filter(t => t.closest('[id^=compare-answer]') && t.value)"
                            ".length >= 2", timeout=30_000)
+    page.wait_for_timeout(2000)         # both columns keep streaming, side by side
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
 
@@ -89,7 +90,8 @@ def upload(page, name, paths):
     page.click("#upload")
     page.wait_for_function(
         "before => { const t = document.querySelector('#adapter-status').innerText;"
-        " return t !== before && /refused|registered/.test(t); }", arg=before, timeout=30_000)
+        " return t !== before && /^(✅|❌)/.test(t); }",     # not while progress shows
+        arg=before, timeout=30_000)
     return status.inner_text()
 
 
