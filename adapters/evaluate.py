@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see train.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipes  # noqa: E402
 
