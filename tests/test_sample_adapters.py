@@ -110,6 +110,9 @@ def test_all_adapters_shared_decode_steps(served):
     steps = res["steps"]
     if steps is None:
         pytest.skip("the engine keeps no step records")
-    # every adapter and the base request ran in the same decode steps
+    # every adapter and the base request ran together in the same steps (terse answers end
+    # after ~20 tokens, so not for all MAX_TOKENS of them)
     assert steps["max_distinct_adapters_in_a_step"] == len(NAMES) + 1, steps
-    assert steps["steps_with_all_adapters_and_base"] >= MAX_TOKENS // 2, steps
+    assert steps["steps_with_all_adapters_and_base"] >= 8, steps
+    # shared steps: far fewer steps than one request at a time would need
+    assert steps["steps"] <= 2 * MAX_TOKENS, steps
