@@ -182,7 +182,7 @@ def main(argv=None) -> int:
               "prompts": prompts, "requests": len(prompts) * (len(names) + 1),
               "one_generate_call": True, "generate_seconds": res["seconds"],
               "torch_threads": torch.get_num_threads(), "steps": res["steps"],
-              "scores": scores}
+              "scores": scores, "outputs": {k: [t for t, _ in v] for k, v in res["outputs"].items()}}
     out = args.out or recipes.RESULTS_DIR / f"eval_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
