@@ -47,6 +47,16 @@ class LlamaModel:
         self.rope = RotaryTable(cfg, max_positions, self.device)
         self.scale = cfg.head_dim ** -0.5
 
+    def to(self, device, dtype=None) -> "LlamaModel":
+        """A copy of the model on another device (and dtype), e.g. CPU-drawn random weights."""
+        def mv(t):
+            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+        layers = [LayerWeights(**{k: mv(v) for k, v in vars(lw).items()}) for lw in self.layers]
+        embed = mv(self.embed)
+        lm_head = embed if self.lm_head is self.embed else mv(self.lm_head)
+        return LlamaModel(self.cfg, embed, layers, mv(self.norm), lm_head,
+                          self.rope.cos.shape[0])
+
     @property
     def weight_bytes(self) -> int:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])

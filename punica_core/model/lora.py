@@ -26,7 +26,8 @@ class LoraContext:
         self.seg = segments
         # v: [T, max_rank] shrink output, shared by all projections (each reads its own :rank)
         self.v = torch.empty(num_rows, pool.max_rank, dtype=dtype, device=device)
-        kernels = torch.device(device).type == "cuda" and ops.cuda_ops() is not None
+        kernels = torch.device(device).type == "cuda" and dtype in ops.KERNEL_DTYPES \
+            and ops.cuda_ops() is not None
         # The CUDA kernels want device tensors; the torch reference wants Python ints (no
         # host sync per call).
         self._indptr = segments.indptr_t if kernels else segments.indptr

@@ -6,13 +6,22 @@ it is available, and the torch reference otherwise. See torch_ref.py for the lay
 from __future__ import annotations
 
 
+import torch
+
 from . import torch_ref
 from .backend import cuda_ops
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def kernels_for(t) -> object | None:
+    """The CUDA backend when it serves this tensor (CUDA, fp16/bf16), else None."""
+    return cuda_ops() if t.is_cuda and t.dtype in KERNEL_DTYPES else None
 
 
 def sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer: int):
     """v[rows, :r] = x[rows] @ a[slot, layer, :r].T per segment (see torch_ref)."""
-    ops = cuda_ops() if x.is_cuda else None
+    ops = kernels_for(x)
     if ops is not None:
         return ops.sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer)
     return torch_ref.sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer)
@@ -20,10 +29,10 @@ def sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer: int):
 
 def sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer: int, col_offset: int = 0):
     """y[rows, off:off+out] += v[rows, :r] @ b[slot, layer, :r] per segment (see torch_ref)."""
-    ops = cuda_ops() if y.is_cuda else None
+    ops = kernels_for(y)
     if ops is not None:
         return ops.sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, col_offset)
     return torch_ref.sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, col_offset)
 
 
-__all__ = ["sgmv_shrink", "sgmv_expand", "torch_ref", "cuda_ops"]
+__all__ = ["sgmv_shrink", "sgmv_expand", "torch_ref", "cuda_ops", "kernels_for"]

@@ -1,4 +1,8 @@
-"""The engine on CUDA against the reference paths (run on the device machine)."""
+"""The engine on CUDA against the reference paths (run on the device machine).
+
+Random weights make greedy sequences fragile (one flip at a near-tie and they part ways), so
+the check is: logits agree at every step while both runs have seen the same tokens, and where
+the tokens part, the reference's top two logits were a near-tie."""
 import pytest
 import torch
 
@@ -11,46 +15,73 @@ from punica_core.model.loader import load_model
 pytestmark = pytest.mark.cuda
 MIX = {"r4": (4, ["q_proj", "v_proj"]), "r8": (8, ALL_PROJECTIONS),
        "r16": (16, ["gate_proj", "up_proj", "down_proj"]), "r64": (64, ALL_PROJECTIONS)}
+NEW = 24
 
 
 def run(device, dtype, adapters, monkeypatch=None, backend=None):
+    """Greedy tokens and per-step logits of one mixed batch, per request in submit order."""
     if backend:
         monkeypatch.setenv("PUNICA_BACKEND", backend)
     from punica_core.ops.backend import cuda_ops
     cuda_ops.cache_clear()
-    loaded = load_model("random:tiny", device, dtype)
+    # weights drawn on the CPU (a CUDA generator draws other numbers for the same seed)
+    loaded = load_model("random:tiny", "cpu", torch.float32)
+    loaded.model = loaded.model.to(device, dtype)
     e = Engine(EngineConfig(model="random:tiny", device=device, kv_cache_gb=0.05,
                             max_adapters_on_gpu=4), loaded=loaded)
     for name, path in adapters.items():
         e.register_adapter(name, path)
     e.runner.capture = captured = []
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
     reqs = [e.add_request([5 + i, 17, 99, 1000 + i], params, a)
             for i, a in enumerate([*adapters, None])]
     run_to_completion(e)
-    return [r.output_ids for r in reqs], captured
+    logits = {r.id: [] for r in reqs}
+    for ids, step_logits in captured:
+        for i, rid in enumerate(ids):
+            logits[rid].append(step_logits[i].float())
+    return [(r.output_ids, logits[r.id]) for r in reqs]
+
+
+def agree(ref, test, rel_tol, tie_tol):
+    for (ref_ids, ref_logits), (ids, logits) in zip(ref, test):
+        assert len(ids) == len(ref_ids) == NEW
+        for step in range(NEW):
+            a, b = ref_logits[step], logits[step]
+            err = ((a - b).norm() / a.norm()).item()
+            assert err < rel_tol, f"step {step}: relative logit error {err}"
+            if ids[step] != ref_ids[step]:
+                top2 = a.topk(2).values
+                assert (top2[0] - top2[1]).item() < tie_tol, "tokens parted without a tie"
+                break
+
+
+def make_adapters(root, b_scale):
+    cfg = NAMED_SHAPES["tiny"]
+    return {n: write_random_adapter(cfg, root / n, r, t, seed=i, b_scale=b_scale)
+            for i, (n, (r, t)) in enumerate(MIX.items())}
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu_adapters")
-    cfg = NAMED_SHAPES["tiny"]
-    return {n: write_random_adapter(cfg, root / n, r, t, seed=i, b_scale=0.5)
-            for i, (n, (r, t)) in enumerate(MIX.items())}
+    """Strong adapters: in fp32 any path difference shows at once."""
+    return make_adapters(tmp_path_factory.mktemp("gpu_adapters"), b_scale=0.5)
+
+
+@pytest.fixture(scope="module")
+def moderate_adapters(tmp_path_factory):
+    """bf16 rounding compounds chaotically under LoRA that dominates a random model; adapters
+    of a realistic strength keep the two bf16 paths comparable over many steps."""
+    return make_adapters(tmp_path_factory.mktemp("gpu_adapters_bf16"), b_scale=0.1)
 
 
 def test_cuda_fp32_matches_cpu(adapters):
     torch.backends.cuda.matmul.allow_tf32 = False
-    cpu_tokens, _ = run("cpu", torch.float32, adapters)
-    gpu_tokens, _ = run("cuda", torch.float32, adapters)
-    assert gpu_tokens == cpu_tokens
+    agree(run("cpu", torch.float32, adapters), run("cuda", torch.float32, adapters),
+          rel_tol=1e-4, tie_tol=1e-3)
 
 
-def test_cuda_kernels_match_torch_backend_bf16(adapters, monkeypatch):
-    ref_tokens, ref_logits = run("cuda", torch.bfloat16, adapters, monkeypatch, "torch")
-    tokens, logits = run("cuda", torch.bfloat16, adapters, monkeypatch, "auto")
-    first_ref, first = ref_logits[0][1], logits[0][1]
-    err = (first - first_ref).norm() / first_ref.norm()
-    assert err < 2e-2, f"relative logit error {err}"
-    agree = sum(a == b for ra, rb in zip(ref_tokens, tokens) for a, b in zip(ra, rb))
-    assert agree >= 0.9 * sum(len(r) for r in ref_tokens)
+def test_cuda_kernels_match_torch_backend_bf16(moderate_adapters, monkeypatch):
+    ref = run("cuda", torch.bfloat16, moderate_adapters, monkeypatch, "torch")
+    test = run("cuda", torch.bfloat16, moderate_adapters, monkeypatch, "auto")
+    agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
