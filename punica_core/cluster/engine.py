@@ -16,8 +16,8 @@ from ..adapters.store import AdapterInfo, AdapterStore
 from ..config import EngineConfig
 from ..engine.engine import Engine
 from ..engine.sampling import SamplingParams
-from ..errors import (AdapterInUseError, InvalidRequestError, PromptTooLongError,
-                      UnknownAdapterError)
+from ..engine.validation import check_request
+from ..errors import AdapterInUseError, UnknownAdapterError
 from .config import ClusterConfig
 from .router import Router
 
@@ -79,19 +79,9 @@ class ClusterEngine:
         RequestOutputs, whichever engines it runs on)."""
         params = params or SamplingParams()
         ids = prompt_ids if prompt_ids is not None else self.encode_prompt(prompt)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; this server's context "
-                                     f"is {self.max_model_len} tokens")
-        if adapter is not None and adapter not in self.store:
-            raise UnknownAdapterError(f"unknown adapter {adapter!r}")
         biggest = max((e.kv_total for e in self.router.engines.values() if e.kv_total), default=0)
-        if -(-(len(ids) + 1) // self.config.block_size) > biggest:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens, more than the KV cache "
-                                     "holds")
-        if resume_output_ids and len(resume_output_ids) >= params.max_tokens:
-            raise InvalidRequestError("nothing left to generate: max_tokens already reached")
+        check_request(ids, params, adapter, self.store, self.max_model_len, biggest,
+                      self.config.block_size, resume_output_ids)
         return self.router.submit(ids, params, adapter, request_id, loop, enforce_queue_limit,
                                   resume_output_ids, self.tokenizer)
 

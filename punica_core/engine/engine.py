@@ -17,8 +17,8 @@ import torch
 from ..adapters.slots import SlotPool
 from ..adapters.store import AdapterInfo, AdapterStore
 from ..config import EngineConfig
-from ..errors import (AdapterInUseError, InvalidRequestError, PromptTooLongError,
-                      QueueFullError, UnknownAdapterError)
+from ..errors import (AdapterInUseError, InvalidRequestError, QueueFullError,
+                      UnknownAdapterError)
 from ..model.kv_cache import KVCache
 from ..model.loader import LoadedModel, load_model
 from .metrics import EngineMetrics, StepRecord, process_memory_bytes
@@ -27,6 +27,7 @@ from .request import Request, RequestOutput, Status
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .stream import RequestStream
+from .validation import check_request
 
 log = logging.getLogger("punica")
 
@@ -136,18 +137,8 @@ class Engine:
         carries only what comes after them."""
         params = params or SamplingParams()
         ids = prompt_ids if prompt_ids is not None else self.encode_prompt(prompt)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; this server's context "
-                                     f"is {self.max_model_len} tokens")
-        if adapter is not None and adapter not in self.store:
-            raise UnknownAdapterError(f"unknown adapter {adapter!r}")
-        if self.kv.blocks_needed(len(ids) + 1) > self.kv.allocator.num_blocks:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens, more than the KV cache "
-                                     "holds")
-        if resume_output_ids and len(resume_output_ids) >= params.max_tokens:
-            raise InvalidRequestError("nothing left to generate: max_tokens already reached")
+        check_request(ids, params, adapter, self.store, self.max_model_len,
+                      self.kv.allocator.num_blocks, self.kv.block_size, resume_output_ids)
         req = Request(ids, params, adapter, self.tokenizer, self.eos_ids, request_id,
                       device=self.model.device, default_generator=self._generator,
                       resume_output_ids=resume_output_ids)
