@@ -182,6 +182,37 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+async def _stream_events(streams, chunk, usage_head, num_prompt: int, opening=()):
+    """Server-sent events for n merged streams. chunk(i, text, finish) builds one choice's
+    payload; opening chunks go first; usage_head (None: no usage chunk) heads the usage chunk.
+    Ends with [DONE]; whatever happens, every stream is cancelled at the end."""
+    completion = 0
+    merged = _merge(streams)
+    try:
+        for c in opening:
+            yield _sse(c)
+        async for i, out in merged:
+            if out.finish_reason in ("error", "abort"):
+                yield _sse({"error": {"message": out.error or "request failed",
+                                      "type": "server_error", "param": None,
+                                      "code": "engine_error"}})
+                break
+            if out.finished:
+                completion += len(out.token_ids)
+                yield _sse(chunk(i, out.delta, out.finish_reason))
+            elif out.delta:
+                yield _sse(chunk(i, out.delta))
+        else:
+            if usage_head is not None:
+                yield _sse({**usage_head, "choices": [],
+                            "usage": _usage(num_prompt, completion)})
+        yield "data: [DONE]\n\n"
+    finally:
+        await merged.aclose()
+        for s in streams:           # also when the merge never started
+            s.cancel()
+
+
 def build_router(state: ServerState) -> APIRouter:
     engine, cfg = state.engine, state.config
     registry = make_registry(engine)
@@ -289,35 +320,13 @@ def build_router(state: ServerState) -> APIRouter:
                 c["usage"] = None
             return c
 
-        async def events():
-            completion = 0
-            merged = _merge(streams)
-            try:
-                for i in range(len(streams)):
-                    yield _sse(chunk(i, {"role": "assistant", "content": ""}))
-                async for i, out in merged:
-                    if out.finish_reason in ("error", "abort"):
-                        yield _sse({"error": {"message": out.error or "request failed",
-                                              "type": "server_error", "param": None,
-                                              "code": "engine_error"}})
-                        break
-                    if out.finished:
-                        completion += len(out.token_ids)
-                        delta = {"content": out.delta} if out.delta else {}
-                        yield _sse(chunk(i, delta, out.finish_reason))
-                    elif out.delta:
-                        yield _sse(chunk(i, {"content": out.delta}))
-                else:
-                    if include_usage:
-                        yield _sse({**chunk_head, "choices": [],
-                                    "usage": _usage(len(ids), completion)})
-                yield "data: [DONE]\n\n"
-            finally:
-                await merged.aclose()
-                for s in streams:           # also when the merge never started
-                    s.cancel()
+        def text_chunk(i, text, finish=None):
+            return chunk(i, {"content": text} if text else {}, finish)
 
-        return _SSEResponse(events())
+        opening = [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(streams))]
+        usage_head = chunk_head if include_usage else None
+        events = _stream_events(streams, text_chunk, usage_head, len(ids), opening)
+        return _SSEResponse(events)
 
     # -- completions -------------------------------------------------------------------------
     @v1.post("/completions")
@@ -358,32 +367,8 @@ def build_router(state: ServerState) -> APIRouter:
                 c["usage"] = None
             return c
 
-        async def events():
-            completion = 0
-            merged = _merge(streams)
-            try:
-                async for i, out in merged:
-                    if out.finish_reason in ("error", "abort"):
-                        yield _sse({"error": {"message": out.error or "request failed",
-                                              "type": "server_error", "param": None,
-                                              "code": "engine_error"}})
-                        break
-                    if out.finished:
-                        completion += len(out.token_ids)
-                        yield _sse(chunk(i, out.delta, out.finish_reason))
-                    elif out.delta:
-                        yield _sse(chunk(i, out.delta))
-                else:
-                    if include_usage:
-                        yield _sse({**head, "choices": [],
-                                    "usage": _usage(num_prompt, completion)})
-                yield "data: [DONE]\n\n"
-            finally:
-                await merged.aclose()
-                for s in streams:           # also when the merge never started
-                    s.cancel()
-
-        return _SSEResponse(events())
+        events = _stream_events(streams, chunk, head if include_usage else None, num_prompt)
+        return _SSEResponse(events)
 
     # -- adapters ----------------------------------------------------------------------------
     def allowed_path(raw: str) -> str:
