@@ -32,8 +32,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 
 from punica_core import AdapterError, PunicaError, SamplingParams
-from punica_core.adapters.peft import read_adapter_files, validate_name
+from punica_core.adapters.peft import validate_name
 
+from .adapter_uploads import store_and_register
 from .openai_schemas import (ChatCompletionRequest, CompletionRequest, LoadLoraRequest,
                              UnloadLoraRequest, error_response)
 from .prometheus import make_registry
@@ -415,21 +416,6 @@ def build_router(state: ServerState) -> APIRouter:
         return {"object": "lora_adapter", "id": name,
                 "message": f"Success: LoRA adapter '{name}' removed successfully."}
 
-    def save_and_register(name: str, files: dict[str, bytes]):
-        cfg_bytes, weights, _ = read_adapter_files(files, engine.store.max_adapter_bytes)
-        folder = state.upload_dir / name
-        tmp = state.upload_dir / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
-        (tmp / "adapter_config.json").write_bytes(cfg_bytes)
-        (tmp / "adapter_model.safetensors").write_bytes(weights)
-        shutil.rmtree(folder, ignore_errors=True)   # a stale folder: the name is not registered
-        tmp.rename(folder)
-        try:
-            return engine.register_adapter(name, folder)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-
     @v1.post("/upload_lora_adapter")
     async def upload_lora_adapter(request: Request, lora_name: str | None = None):
         """A .zip of a PEFT folder: multipart/form-data with fields `lora_name` and `file`, or
@@ -452,7 +438,8 @@ def build_router(state: ServerState) -> APIRouter:
             if name in engine.store:
                 raise AdapterError(f"an adapter named {name!r} is already registered; unload "
                                    "it first")
-            info = await asyncio.to_thread(save_and_register, name, files)
+            info = await asyncio.to_thread(store_and_register, engine, state.upload_dir, name,
+                                          files)
         return adapter_info(info, f"Success: LoRA adapter '{info.name}' uploaded and added.")
 
     async def read_upload(request: Request, cap: int) -> dict:

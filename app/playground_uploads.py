@@ -1,11 +1,12 @@
 """Adapter uploads from the playground: size limits, then validate, store and register."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from punica_core import AdapterError, Engine
 from punica_core.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, validate_name
+
+from .adapter_uploads import store_and_register
 
 
 def register_upload(engine: Engine, name: str, files: list[str], upload_dir: Path,
@@ -42,28 +43,7 @@ def register_upload(engine: Engine, name: str, files: list[str], upload_dir: Pat
             else:
                 renamed[n] = b
         blobs = renamed
-    from punica_core.adapters.peft import parse_adapter
-    # validate first (nothing is written for a refused upload), then keep a copy on disk so the
-    # adapter can be re-read after it leaves the host cache
     source = {zips[0]: blobs[zips[0]]} if zips else blobs
-    parse_adapter(name, source, engine.model.cfg, engine.config.max_lora_rank,
-                  engine.config.max_adapter_bytes)
-    if name in engine.store:
-        raise AdapterError(f"an adapter named {name!r} is already registered")
-    folder = upload_dir / name
-    if zips:
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / "adapter.zip"
-        target.write_bytes(blobs[zips[0]])
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_bytes(blobs[CONFIG_NAME])
-        (folder / WEIGHTS_NAME).write_bytes(blobs[WEIGHTS_NAME])
-        target = folder
-    try:
-        info = engine.register_adapter(name, target)
-    except AdapterError:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    info = store_and_register(engine, upload_dir, name, source)
     return (f"registered **{info.name}**: rank {info.rank}, targets {', '.join(info.targets)}, "
             f"{info.nbytes / 1024:.0f} KiB")
