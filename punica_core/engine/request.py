@@ -88,22 +88,14 @@ class Request:
         elif len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
             self.finish_reason = "length"
 
-    def output(self, new_ids: list[int]) -> RequestOutput:
-        final = self.finish_reason is not None
-        ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
-        return RequestOutput(self.id, self.adapter, self.detok.text[:self.detok.emitted]
-                             if not final else self.detok.text, list(self.output_ids),
-                             "", new_ids, final, self.finish_reason, self.error,
-                             len(self.prompt_ids), ttft)
-
     def emit(self, new_ids: list[int]) -> RequestOutput:
         """Builds the output for this step and pushes it to the stream, if any."""
         final = self.finish_reason is not None
-        delta = self.detok.delta(final)
-        out = self.output(new_ids)
-        out.delta = delta
-        if not final:
-            out.text = self.detok.text[:self.detok.emitted]
+        delta = self.detok.delta(final)     # when final, everything counts as emitted
+        ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
+        out = RequestOutput(self.id, self.adapter, self.detok.text[:self.detok.emitted],
+                            list(self.output_ids), delta, new_ids, final, self.finish_reason,
+                            self.error, len(self.prompt_ids), ttft)
         if self.stream is not None:
             self.stream.put(out)
         return out
