@@ -1,12 +1,22 @@
 """Engine throughput on a GPU: Llama-2 shapes with random bf16 weights, Punica's adapter mixes,
 and transformers + PEFT measured in the same run.
 
-    python benchmarks/engine_gpu.py --model random:llama-2-7b --out benchmarks/results/engine_gpu_7b.json
+    python benchmarks/engine_gpu.py --model random:llama-2-7b --many-adapters 1000 \
+        --out benchmarks/results/engine_gpu_7b.json
+    python benchmarks/engine_gpu.py --model random:tiny --device cpu --out /tmp/e.json  # smoke
 
 Mixes (Punica's evaluation): distinct (every request its own adapter), uniform (drawn with
-replacement from the pool), skewed (Zipf, alpha 1.5), identical (one adapter for all), none.
+replacement from the pool), skewed (Zipf, alpha 1.5), identical (one adapter for all), none;
+plus lora_off: `none` on a second engine over the same weights with enable_lora=False.
 Reports tokens/s (prefill included), decode step p50/p99 from the engine's step records, the
-time LoRA adds to a decode step against `none`, and peak GPU memory.
+time LoRA adds to a decode step against `none`, peak GPU memory, and a memory roofline: the
+bytes a decode step must read (weights with lm_head once, the batch's KV cache at the mean
+context, the distinct adapters at their real rank) over the device copy bandwidth measured in
+the same run.
+
+--many-adapters N: N registered adapters (aliases of --distinct-files files), --slots device
+slots and a --host-cache smaller than N; a stream of requests whose adapters are drawn Zipf
+from the N, against the same stream with the whole working set resident.
 """
 from __future__ import annotations
 
@@ -14,9 +24,7 @@ import argparse
 import gc
 import json
 import random
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from punica_core import Engine, EngineConfig, SamplingParams  # noqa: E402
-from punica_core.adapters.random_adapter import ALL_PROJECTIONS, write_random_adapter  # noqa
-from punica_core.model.config import NAMED_SHAPES  # noqa: E402
+from benchmarks.common import (ALL_PROJECTIONS, GIB, adapter_bytes, check_device,  # noqa: E402
+                               config_dict, copy_bandwidth, default_adapter_dir,
+                               engine_config, ensure_adapters, environment, has_config_field,
+                               log, model_shape, random_prompts, register_alias, register_all,
+                               renamed, run_requests, sync, warm_up, write_json)
+from punica_core import Engine  # noqa: E402
+from punica_core.model.kv_cache import KVCache  # noqa: E402
 from punica_core.ops.backend import cuda_ops  # noqa: E402
 
 
@@ -45,27 +57,6 @@ def mix_adapters(mix: str, pool: list[str], n: int, rng: random.Random) -> list:
     raise ValueError(mix)
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else None
-
-
-def run_ours(engine, prompts, adapters, new_tokens):
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    n_before = len(engine.metrics.steps)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    reqs = [engine.add_request(None, params, a, prompt_ids=p) for p, a in zip(prompts, adapters)]
-    while engine.has_work():
-        engine.step()
-    dt = time.perf_counter() - t0
-    steps = list(engine.metrics.steps)[n_before:]
-    decode = [s.duration_s * 1e3 for s in steps if s.prefill_tokens == 0]
-    return {"tokens_per_s": sum(len(r.output_ids) for r in reqs) / dt, "seconds": dt,
-            "decode_step_ms_p50": pct(decode, 50), "decode_step_ms_p99": pct(decode, 99),
-            "distinct_adapters": len({a for a in adapters if a})}
-
-
 def run_peft(cfg, paths, prompts, adapters, new_tokens, device):
     """transformers + PEFT on the same shapes (random weights), one generate call."""
     from peft import PeftModel
@@ -76,121 +67,281 @@ def run_peft(cfg, paths, prompts, adapters, new_tokens, device):
                          num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096)
     with torch.device("meta"):
         model = LlamaForCausalLM(hf_cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16)
+    model = model.to(torch.bfloat16).to_empty(device=device)     # never fp32 on the device
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+        for b in model.buffers():       # to_empty leaves them uninitialised (rotary inv_freq)
+            b.zero_()
     model.eval()
-    results = {}
     used = [a for a in dict.fromkeys(adapters) if a]
     peft = PeftModel.from_pretrained(model, str(paths[used[0]]), adapter_name=used[0])
     for a in used[1:]:
         peft.load_adapter(str(paths[a]), adapter_name=a)
     ids = torch.tensor(prompts, device=device)
-    for label, names in (("peft_one_adapter", [used[0]] * len(prompts)),
-                         ("peft_mixed", adapters)):
-        torch.cuda.synchronize()
+
+    def generate(**kw):
+        sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, pad_token_id=0, adapter_names=names)
-        torch.cuda.synchronize()
-        results[label] = {"tokens_per_s": (out.shape[1] - ids.shape[1]) * ids.shape[0]
-                          / (time.perf_counter() - t0), "new_tokens": new_tokens}
+                                do_sample=False, pad_token_id=0, **kw)
+        sync(device)
+        return {"tokens_per_s": (out.shape[1] - ids.shape[1]) * ids.shape[0]
+                / (time.perf_counter() - t0), "new_tokens": new_tokens}
+
+    results = {"peft_one_adapter": generate(adapter_names=[used[0]] * len(prompts)),
+               "peft_mixed": generate(adapter_names=adapters)}
     with peft.disable_adapter():
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        results["hf_no_adapter"] = {"tokens_per_s": (out.shape[1] - ids.shape[1])
-                                    * ids.shape[0] / (time.perf_counter() - t0),
-                                    "new_tokens": new_tokens}
+        results["hf_no_adapter"] = generate()
     del peft, model
     return results
 
 
-def main():
+def roofline(engine, result: dict, batch: int, context: float, per_adapter: int,
+             bandwidth: float) -> dict:
+    """Bytes one decode step must read, and the time that takes at `bandwidth` (bytes/s)."""
+    m = engine.model
+    embed = 0 if m.lm_head is m.embed else m.embed.numel() * m.embed.element_size()
+    weights = m.weight_bytes - embed        # embedding rows gathered: negligible
+    kv = batch * context * KVCache.bytes_per_token(m.cfg, m.dtype)
+    adapters = result["distinct_adapters"] * per_adapter
+    ms = (weights + kv + adapters) / bandwidth * 1e3
+    out = {"bytes_weights": weights, "bytes_kv": kv, "bytes_adapters": adapters,
+           "decode_step_roofline_ms": ms}
+    if result.get("decode_step_ms_p50"):
+        out["roofline_fraction"] = ms / result["decode_step_ms_p50"]
+    return out
+
+
+def free(*engines) -> None:
+    for e in engines:
+        if e is not None:
+            e.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_many(args, cfg, loaded, paths: dict, common: dict, rng: random.Random) -> dict:
+    """N adapters (aliases of a few files), few slots and a small host cache, against the same
+    request stream with the whole working set resident."""
+    files = list(paths)[:args.distinct_files]
+    aliases = [f"z{i}" for i in range(args.many_adapters)]
+    file_of = {a: files[i % len(files)] for i, a in enumerate(aliases)}
+    weights = [1 / (i + 1) ** args.zipf_alpha for i in range(len(aliases))]
+    n_req = args.waves * args.batch
+    adapters = rng.choices(aliases, weights=weights, k=n_req)
+    lo, hi = max(1, args.new_tokens // 2), args.new_tokens + args.new_tokens // 2
+    counts = [rng.randint(lo, hi) for _ in range(n_req)]
+    prompts = random_prompts(cfg, n_req, args.prompt_len, rng)
+    working = list(dict.fromkeys(adapters))
+    out = {"registered_adapters": len(aliases), "distinct_files": len(files),
+           "registration": f"{len(files)} files registered (parsed); each of the "
+                           f"{len(aliases)} names is an alias of file i % {len(files)}, "
+                           "registered without parsing (parsed from its file on first use)",
+           "zipf_alpha": args.zipf_alpha, "requests": n_req, "max_batch": args.batch,
+           "new_tokens_per_request": f"uniform in [{lo}, {hi}] (same sequence in both runs)",
+           "working_set": len(working), "slots": args.slots,
+           "host_cache_adapters": args.host_cache}
+
+    def build(slots, host_cache):
+        e = Engine(engine_config(**common, max_adapters_on_gpu=slots,
+                                 host_cache_adapters=host_cache), loaded=loaded)
+        t = register_all(e, {n: paths[n] for n in files})
+        t0 = time.perf_counter()
+        for a in aliases:
+            register_alias(e.store, a, file_of[a])
+        log(f"many: {len(files)} files registered in {t:.1f}s, {len(aliases)} aliases in "
+            f"{time.perf_counter() - t0:.2f}s ({slots} slots, host cache {host_cache})")
+        return e, t
+
+    # 1. the whole working set resident in slots (loaded before the clock starts)
+    e, t_reg = build(len(working), max(len(files), args.host_cache))
+    for a in working:
+        parsed = e.store.get_cached(file_of[a])
+        if parsed is None or e.pool.load(renamed(parsed, a)) is None:
+            raise RuntimeError(f"resident run: could not preload {a!r} ({file_of[a]})")
+    sync(e.model.device)
+    warm_up(e, cfg, args.batch, working[0], rng)
+    loads = e.pool.loads
+    out["resident"] = run_requests(e, prompts, adapters, counts)
+    out["resident"]["loads"] = e.pool.loads - loads
+    log("many: resident", json.dumps(out["resident"]))
+    free(e)
+    del e
+    # 2. --slots slots, --host-cache parsed adapters: loads, evictions and disk reads
+    e, t_reg = build(args.slots, args.host_cache)
+    out["file_registration_s"] = t_reg
+    warm_up(e, cfg, args.batch, files[0], rng)
+    parses = {"count": 0, "seconds": 0.0}
+    parse = e.store._parse             # PRIVATE: counted, to report the disk -> host reads
+
+    def counted(name, source):
+        t0 = time.perf_counter()
+        try:
+            return parse(name, source)
+        finally:
+            parses["count"] += 1
+            parses["seconds"] += time.perf_counter() - t0
+    e.store._parse = counted
+    loads, evictions = e.pool.loads, e.pool.evictions
+    cold = sum(1 for a in working if not e.store.is_cached(a))
+    out["many"] = run_requests(e, prompts, adapters, counts)
+    out["many"].update(loads=e.pool.loads - loads, evictions=e.pool.evictions - evictions,
+                       adapters_not_in_host_cache_at_start=cold,
+                       host_parses=parses["count"], host_parse_seconds=parses["seconds"])
+    log("many: many", json.dumps(out["many"]))
+    free(e)
+    out["many_vs_resident"] = out["many"]["tokens_per_s"] / out["resident"]["tokens_per_s"]
+    return out
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="random:llama-2-7b")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="8 on cuda, 0.25 on cpu")
     ap.add_argument("--mixes", default="none,identical,distinct,uniform,skewed")
     ap.add_argument("--peft-new-tokens", type=int, default=16,
                     help="the PEFT baseline generates fewer tokens (it is slow); tokens/s")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-lora-off", action="store_true")
     ap.add_argument("--rounds", type=int, default=2,
                     help="measure every mix this many times, in rounds; the last round is "
                          "reported (the first ones absorb the GPU's and host's warm-up)")
+    ap.add_argument("--copy-gib", type=float, default=2.0,
+                    help="size of the device-to-device copy (1/32 of it on cpu)")
+    ap.add_argument("--many-adapters", type=int, default=0, help="N for the zipf case; 0: skip")
+    ap.add_argument("--slots", type=int, default=32, help="device slots in the zipf case")
+    ap.add_argument("--host-cache", type=int, default=64, help="host cache in the zipf case")
+    ap.add_argument("--distinct-files", type=int, default=16, help="files behind the N names")
+    ap.add_argument("--zipf-alpha", type=float, default=1.0)
+    ap.add_argument("--waves", type=int, default=4, help="zipf case: waves x batch requests")
+    ap.add_argument("--adapter-dir", default=None, help="default: shared cache under /tmp")
     ap.add_argument("--out", default="benchmarks/results/engine_gpu.json")
-    args = ap.parse_args()
-    device = torch.device("cuda")
-    cfg = NAMED_SHAPES[args.model.split(":", 1)[1]]
+    args = ap.parse_args(argv)
+    device = check_device(args.device)
+    cfg = model_shape(args.model)
     rng = random.Random(0)
-    tmp = Path(tempfile.mkdtemp(prefix="gpu-adapters-"))
-    pool = [f"a{i}" for i in range(args.batch)]
+    t_start = time.perf_counter()
+    mixes = args.mixes.split(",")
+    out = {"benchmark": "engine_gpu", "model": args.model, **environment(device),
+           "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+           "adapter_rank": args.rank, "adapter_targets": ALL_PROJECTIONS,
+           "cuda_sgmv_kernels": device.type == "cuda" and cuda_ops() is not None, "notes": []}
+
+    gib = args.copy_gib if device.type == "cuda" else args.copy_gib / 32
+    out["copy_bandwidth"] = copy_bandwidth(device, int(gib * GIB))
+    bandwidth = out["copy_bandwidth"]["gb_per_s"] * 1e9
+    log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+
+    pool = [f"a{i}" for i in range(max(args.batch, args.distinct_files))]
+    paths = ensure_adapters(cfg, Path(args.adapter_dir) if args.adapter_dir
+                            else default_adapter_dir(args.model, args.rank), pool, args.rank,
+                            list(range(len(pool))))
+    pool = pool[:args.batch]
+    prompts = random_prompts(cfg, args.batch, args.prompt_len, rng)
+    common = dict(model=args.model, device=str(device), max_batch=args.batch,
+                  max_lora_rank=args.rank, max_tokens_per_step=args.batch * args.prompt_len,
+                  kv_cache_gb=args.kv_cache_gb or (8 if device.type == "cuda" else 0.25),
+                  max_model_len=4096)
     t0 = time.perf_counter()
-    paths = {n: write_random_adapter(cfg, tmp / n, args.rank, ALL_PROJECTIONS, seed=i)
-             for i, n in enumerate(pool)}
-    print(f"adapters written in {time.perf_counter() - t0:.1f}s", flush=True)
-    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt_len)]
-               for _ in range(args.batch)]
-    engine = Engine(EngineConfig(model=args.model, max_batch=args.batch,
-                                 max_adapters_on_gpu=args.batch, max_lora_rank=args.rank,
-                                 max_tokens_per_step=args.batch * args.prompt_len,
-                                 kv_cache_gb=8, max_model_len=4096))
-    for n in pool:
-        engine.register_adapter(n, paths[n])
-    for mix in args.mixes.split(","):       # warm every path up first (cuBLAS, kernels)
-        run_ours(engine, prompts, mix_adapters(mix, pool, args.batch, random.Random(1)), 4)
+    engine = Engine(engine_config(**common, max_adapters_on_gpu=args.batch))
+    log(f"model ready in {time.perf_counter() - t0:.1f}s")
+    out["engine_config"] = config_dict(engine)
+    out["dtype"] = str(engine.model.dtype).removeprefix("torch.")
+    out["adapter_registration_s"] = register_all(engine, {n: paths[n] for n in pool})
+    log(f"{len(pool)} adapters registered in {out['adapter_registration_s']:.1f}s")
+    off = None
+    if args.skip_lora_off:
+        out["notes"].append("lora_off skipped (--skip-lora-off)")
+    elif not has_config_field("enable_lora"):
+        out["notes"].append("lora_off skipped: EngineConfig has no enable_lora field")
+        log("note: EngineConfig has no enable_lora; lora_off skipped")
+    else:
+        off = Engine(engine_config(**common, max_adapters_on_gpu=args.batch,
+                                   enable_lora=False), loaded=engine.loaded)
+    for mix in mixes:       # warm every path up first (cuBLAS, kernels, graphs)
+        run_requests(engine, prompts, mix_adapters(mix, pool, args.batch, random.Random(1)), 4)
+    if off is not None:
+        run_requests(off, prompts, [None] * args.batch, 4)
+    log("warm-up done")
     rounds = []
     for r in range(args.rounds):
         ours = {}
-        for mix in args.mixes.split(","):
-            ours[mix] = run_ours(engine, prompts, mix_adapters(mix, pool, args.batch, rng),
-                                 args.new_tokens)
-            print(f"round {r}", mix, json.dumps(ours[mix]), flush=True)
+        for mix in mixes:
+            ours[mix] = run_requests(engine, prompts, mix_adapters(mix, pool, args.batch, rng),
+                                     args.new_tokens)
+            log(f"round {r}", mix, json.dumps(ours[mix]))
+        if off is not None:
+            ours["lora_off"] = run_requests(off, prompts, [None] * args.batch, args.new_tokens)
+            log(f"round {r} lora_off", json.dumps(ours["lora_off"]))
         rounds.append(ours)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    if device.type == "cuda":
+        out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    per_adapter = adapter_bytes(cfg, args.rank, elem_size=engine.model.dtype.itemsize)
+    context = args.prompt_len + args.new_tokens / 2
     base = ours.get("none", {}).get("decode_step_ms_p50")
     for r in ours.values():
         if base and r["decode_step_ms_p50"]:
             r["lora_added_ms_p50"] = r["decode_step_ms_p50"] - base
-    lora_bytes = args.batch * cfg.num_layers * args.rank * sum(
-        i + o for i, o in cfg.proj_shapes.values()) * 2
-    out = {"benchmark": "engine_gpu", "model": args.model, "dtype": "bfloat16",
-           "device": torch.cuda.get_device_name(), "batch": args.batch,
-           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-           "adapter_rank": args.rank, "adapter_targets": ALL_PROJECTIONS,
-           "cuda_sgmv_kernels": cuda_ops() is not None, "ours": ours,
-           "all_rounds": rounds,
-           "peak_gpu_memory_gib": peak, "distinct_adapter_bytes_per_step": lora_bytes}
-    engine.close()
-    del engine
-    gc.collect()
-    torch.cuda.empty_cache()
-    if not args.skip_peft:
-        mixed = mix_adapters("distinct", pool, args.batch, rng)
-        out["baseline"] = run_peft(cfg, paths, prompts, mixed, args.peft_new_tokens, device)
-        print("baseline", json.dumps(out["baseline"]), flush=True)
-        if "distinct" in ours:
-            out["ratios"] = {
-                "distinct_vs_peft_mixed": ours["distinct"]["tokens_per_s"]
-                / out["baseline"]["peft_mixed"]["tokens_per_s"]}
+        r.update(roofline(engine, r, args.batch, context, per_adapter, bandwidth))
+    out["roofline"] = {"bandwidth_gb_per_s": bandwidth / 1e9, "mean_context": context,
+                       "adapter_bytes_each": per_adapter,
+                       "method": "bytes = weights (lm_head once, embedding gather not "
+                                 "counted) + batch x mean context x KV bytes/token + distinct "
+                                 "adapters x real-rank bytes; ms = bytes / copy bandwidth"}
+    out.update(ours=ours, all_rounds=rounds,
+               distinct_adapter_bytes_per_step=args.batch * per_adapter)
+    ratios = {}
+    if "distinct" in ours and "lora_added_ms_p50" in ours["distinct"]:
+        read_ms = ours["distinct"]["bytes_adapters"] / bandwidth * 1e3
+        out["distinct_adapter_bytes_read_ms"] = read_ms
+        ratios["distinct_lora_added_vs_adapter_read"] = \
+            ours["distinct"]["lora_added_ms_p50"] / read_ms
+    if "none" in ours and "lora_off" in ours:
+        ratios["none_vs_lora_off_tokens_per_s"] = \
+            ours["none"]["tokens_per_s"] / ours["lora_off"]["tokens_per_s"]
+        ratios["none_vs_lora_off_decode_step_p50"] = \
+            ours["none"]["decode_step_ms_p50"] / ours["lora_off"]["decode_step_ms_p50"]
     if "distinct" in ours and "identical" in ours:
-        out.setdefault("ratios", {})["distinct_vs_identical"] = \
+        ratios["distinct_vs_identical"] = \
             ours["distinct"]["tokens_per_s"] / ours["identical"]["tokens_per_s"]
     if "identical" in ours and "none" in ours:
-        out.setdefault("ratios", {})["identical_vs_none"] = \
+        ratios["identical_vs_none"] = \
             ours["identical"]["tokens_per_s"] / ours["none"]["tokens_per_s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out.get("ratios", {}), indent=2))
+    write_json(args.out, {**out, "ratios": ratios, "partial": True})
+    loaded = engine.loaded
+    free(engine, off)
+    del engine, off
+    if args.many_adapters:
+        out["many_adapters"] = run_many(args, cfg, loaded, paths, common, rng)
+        ratios["many_vs_resident"] = out["many_adapters"]["many_vs_resident"]
+        write_json(args.out, {**out, "ratios": ratios, "partial": True})
+    del loaded
+    free()
+    if not args.skip_peft and "distinct" in mixes:
+        mixed = mix_adapters("distinct", pool, args.batch, rng)
+        out["baseline"] = run_peft(cfg, paths, prompts, mixed, args.peft_new_tokens, device)
+        log("baseline", json.dumps(out["baseline"]))
+        ratios["distinct_vs_peft_mixed"] = ours["distinct"]["tokens_per_s"] \
+            / out["baseline"]["peft_mixed"]["tokens_per_s"]
+    out["ratios"] = ratios
+    if device.type == "cuda":
+        out["peak_gpu_memory_gib_whole_run"] = torch.cuda.max_memory_allocated(device) / GIB
+    out["private_apis_used"] = ["AdapterStore._lock/_sources/_info (register_alias: names "
+                                "registered without parsing)", "AdapterStore._parse (wrapped "
+                                "to count host parses)"] if args.many_adapters else []
+    out["wall_s"] = time.perf_counter() - t_start
+    write_json(args.out, out)
+    print(json.dumps(ratios, indent=2), flush=True)
+    return out
 
 
 if __name__ == "__main__":
