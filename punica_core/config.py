@@ -24,6 +24,9 @@ class EngineConfig:
     kv_cache_gb: float | None = None    # None: 1 GB on cpu, 90% of free memory on cuda
     max_adapters_on_gpu: int = 8    # adapter slots on the device
     max_lora_rank: int = 64
+    enable_lora: bool = True        # False: no adapter slots, adapters refused (base model only)
+    cuda_graphs: bool = True        # decode steps on CUDA replay captured graphs (see
+                                    # engine/cuda_graphs.py); False: every step runs eagerly
     host_cache_adapters: int = 64   # parsed adapters kept in host memory
     max_adapter_bytes: int = 512 << 20
     seed: int = 0

@@ -17,11 +17,12 @@ import torch
 from ..adapters.slots import SlotPool
 from ..adapters.store import AdapterInfo, AdapterStore
 from ..config import EngineConfig
-from ..errors import (AdapterInUseError, InvalidRequestError, QueueFullError,
+from ..errors import (AdapterError, AdapterInUseError, InvalidRequestError, QueueFullError,
                       UnknownAdapterError)
 from ..model.kv_cache import KVCache
 from ..model.loader import LoadedModel, load_model
 from .metrics import EngineMetrics, StepRecord, process_memory_bytes
+from .cuda_graphs import DecodeGraphs, graphs_supported
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status
 from .sampling import SamplingParams
@@ -44,11 +45,15 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or 8192, mcfg.max_position_embeddings,
                                  self.model.rope.cos.shape[0])
         self.kv = KVCache(mcfg, self._num_kv_blocks(), cfg.block_size, dtype, device)
-        self.pool = SlotPool(mcfg, cfg.max_adapters_on_gpu, cfg.max_lora_rank, dtype, device)
+        slots = cfg.max_adapters_on_gpu if cfg.enable_lora else 0
+        self.pool = SlotPool(mcfg, slots, cfg.max_lora_rank, dtype, device)
         self.store = AdapterStore(mcfg, cfg.max_lora_rank, cfg.host_cache_adapters,
-                                  cfg.max_adapter_bytes, pin_memory=device.type == "cuda")
+                                  cfg.max_adapter_bytes, pin_memory=device.type == "cuda",
+                                  dtype=dtype)
         self.scheduler = Scheduler(cfg, self.kv, self.pool, self.store, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.kv, self.pool)
+        graphs = DecodeGraphs(self.model, self.kv, self.pool, cfg.max_batch, self.max_model_len) \
+            if cfg.cuda_graphs and graphs_supported(self.model) else None
+        self.runner = ModelRunner(self.model, self.kv, self.pool, graphs)
         self.metrics = EngineMetrics(cfg.metrics_window)
         self.eos_ids = tuple(set(mcfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None
@@ -80,6 +85,9 @@ class Engine:
 
     # -- adapters ----------------------------------------------------------------------------
     def register_adapter(self, name: str, source) -> AdapterInfo:
+        if not self.config.enable_lora:
+            raise AdapterError(f"cannot register adapter {name!r}: this engine was started "
+                               "with LoRA switched off (enable_lora=False)")
         return self.store.register(name, source)
 
     def unregister_adapter(self, name: str) -> None:

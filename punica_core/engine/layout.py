@@ -39,6 +39,9 @@ class BatchLayout:
     prefills: list[PrefillChunk]
     logit_rows: torch.Tensor        # [B] rows whose next token is sampled
     lora: LoraSegments | None = None
+    # decode-only steps on CUDA (the graph runner): paged attention reads the block tables
+    block_tables: torch.Tensor | None = None    # [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None    # [B] int32 (0 for padding rows)
     stats: dict = field(default_factory=dict)
 
     @property

@@ -7,14 +7,17 @@ from ..adapters.slots import SlotPool
 from ..model.kv_cache import KVCache
 from ..model.llama import LlamaModel
 from ..model.lora import LoraContext
+from .cuda_graphs import DecodeGraphs
 from .layout import BatchLayout, build_layout
 from .sampling import sample
 from .scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, pool: SlotPool):
+    def __init__(self, model: LlamaModel, kv: KVCache, pool: SlotPool,
+                 graphs: DecodeGraphs | None = None):
         self.model, self.kv, self.pool = model, kv, pool
+        self.graphs = graphs    # decode steps replay CUDA graphs when they fit
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
 
     def prepare(self, batch: ScheduledBatch) -> BatchLayout:
@@ -30,8 +33,10 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """One token per scheduled request (None for chunks that do not sample yet)."""
-        layout = self.prepare(batch)
-        logits = self.forward(layout)
+        if self.graphs is not None and self.graphs.fits(batch.chunks):
+            logits = self.graphs.run(batch.chunks)
+        else:
+            logits = self.forward(self.prepare(batch))
         sampling = [(r, c) for r, c in zip(batch.requests, batch.chunks) if c.sample]
         if self.capture is not None:
             self.capture.append(([r.id for r, _ in sampling], logits.detach().cpu()))

@@ -45,15 +45,17 @@ class KVCache:
     """K and V for every layer: [layers, num_blocks * block_size, kv_heads, head_dim].
 
     A token at logical position p of a request lives at flat index
-    block_table[p // block_size] * block_size + p % block_size.
+    block_table[p // block_size] * block_size + p % block_size. One extra block past the
+    allocator's is scratch: padding rows of a CUDA-graph batch write their K/V there.
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device):
-        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, (num_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
+        self.scratch_slot = num_blocks * block_size
 
     @property
     def nbytes(self) -> int:

@@ -45,6 +45,19 @@ class LoraContext:
                          for _ in range(segments.indptr[i + 1] - segments.indptr[i])]
             self.small = SmallBatchPlan(row_slots, device)
 
+    @classmethod
+    def for_graph(cls, pool, indptr_t: torch.Tensor, slot_ids_t: torch.Tensor,
+                  v: torch.Tensor) -> "LoraContext":
+        """Every projection active and all segment metadata on the device, so that nothing is
+        read on the host and the step can be captured in a CUDA graph (CUDA kernels only;
+        a slot's rank 0 makes its projection a no-op inside the kernel)."""
+        ctx = cls.__new__(cls)
+        ctx.pool, ctx.v, ctx.small = pool, v, None
+        ctx._indptr, ctx._slots, ctx._lists = indptr_t, slot_ids_t, False
+        ctx.rank = {p: pool.max_rank for p in pool.projections}
+        ctx.active = {p: True for p in pool.projections}
+        return ctx
+
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...]):
         """out: [T, site_out] fused projection output; x: [T, in] its input."""
         for p in projs:
