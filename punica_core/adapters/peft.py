@@ -35,8 +35,8 @@ _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 class LoraAdapter:
     """A validated adapter on the host, scaling folded into B.
 
-    weights[proj] = (a [layers, r, in], b [layers, r, out]) in float32; layers the adapter does
-    not touch are zero.
+    weights[proj] = (a [layers, r, in], b [layers, r, out]), parsed in float32 (the store keeps
+    them in the slot pool's dtype); layers the adapter does not touch are zero.
     """
     name: str
     source: str

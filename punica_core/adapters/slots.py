@@ -80,10 +80,10 @@ class SlotPool:
         slot = self._slot_of.get(name)
         return slot is not None and self._refs[slot] > 0
 
-    def load(self, adapter: LoraAdapter) -> int | None:
-        """Puts the adapter in a free (or least recently used, unused) slot. None if every slot
-        is held by running requests."""
-        slot = self._free_slot()
+    def load(self, adapter: LoraAdapter, keep: set[str] = frozenset()) -> int | None:
+        """Puts the adapter in a free (or least recently used, unused) slot, never evicting the
+        adapters named in `keep`. None if no slot can be had."""
+        slot = self._free_slot(keep)
         if slot is None:
             return None
         self._name_of[slot] = adapter.name
@@ -116,13 +116,14 @@ class SlotPool:
             w.ranks_list[slot] = r
             w.ranks[slot] = r
 
-    def _free_slot(self) -> int | None:
+    def _free_slot(self, keep: set[str]) -> int | None:
         for s in range(self.num_slots):
             if self._name_of[s] is None:
                 return s
-        if not self._lru:
+        slot = next((s for s in self._lru if self._name_of[s] not in keep), None)
+        if slot is None:
             return None
-        slot, _ = self._lru.popitem(last=False)
+        del self._lru[slot]
         self._forget(slot)
         self.evictions += 1
         return slot

@@ -31,8 +31,10 @@ class AdapterInfo:
 
 class AdapterStore:
     def __init__(self, model_cfg: ModelConfig, max_rank: int, host_cache_size: int = 64,
-                 max_adapter_bytes: int = 512 << 20, pin_memory: bool = False):
+                 max_adapter_bytes: int = 512 << 20, pin_memory: bool = False,
+                 dtype: torch.dtype = torch.float32):
         self.model_cfg = model_cfg
+        self.dtype = dtype              # the slot pool's: a load then copies without converting
         self.max_rank = max_rank
         self.host_cache_size = host_cache_size
         self.max_adapter_bytes = max_adapter_bytes
@@ -132,9 +134,12 @@ class AdapterStore:
             raise AdapterError(f"adapter {name!r} was uploaded and is no longer cached")
         adapter = parse_adapter(name, source, self.model_cfg, self.max_rank,
                                 self.max_adapter_bytes)
-        if self.pin_memory and torch.cuda.is_available():
-            adapter.weights = {p: (a.pin_memory(), b.pin_memory())
-                               for p, (a, b) in adapter.weights.items()}
+        pin = self.pin_memory and torch.cuda.is_available()
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.dtype)
+            return t.pin_memory() if pin else t
+        adapter.weights = {p: (host(a), host(b)) for p, (a, b) in adapter.weights.items()}
         return adapter
 
     def _put(self, name: str, adapter: LoraAdapter) -> None:

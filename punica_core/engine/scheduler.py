@@ -8,6 +8,7 @@ preempted and later recomputed with one prefill; its stream goes on where it was
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field
 
 from ..adapters.slots import SlotPool
@@ -86,6 +87,7 @@ class Scheduler:
             n = min(req.pending, budget)
             picked.append((req, n))
             budget -= n
+        self._load_ahead()
         # rows grouped by adapter slot: each adapter's rows form one SGMV segment
         picked.sort(key=lambda p: (p[0].slot, p[0].seq))
         for req, n in picked:
@@ -118,6 +120,23 @@ class Scheduler:
             return False
         slot = self.pool.load(adapter)          # None: every slot is in use
         return slot is not None and self.pool.is_ready(slot)
+
+    def _load_ahead(self) -> None:
+        """Starts loading the adapters of the next waiting requests (disk -> host cache ->
+        slot) while the batch is full or they wait, so that they are resident when room frees
+        up. Never evicts an adapter that one of those requests wants."""
+        wanted = list(dict.fromkeys(r.adapter for r in islice(self.waiting, self.cfg.max_batch)
+                                    if r.adapter is not None))
+        keep = set(wanted)
+        for name in wanted:
+            if self.pool.lookup(name) is not None or name not in self.store \
+                    or self.store.load_error(name):
+                continue
+            adapter = self.store.get_cached(name)
+            if adapter is None:
+                self.store.prefetch(name)
+            elif self.pool.load(adapter, keep) is None:
+                return                          # no slot to spare now
 
     def _refuse(self, req: Request, batch: ScheduledBatch, why: str) -> None:
         self.waiting.remove(req)

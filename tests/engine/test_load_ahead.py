@@ -1,0 +1,29 @@
+"""Adapters of waiting requests are loaded while the batch is full (CPU, default model)."""
+from helpers import run_to_completion
+from punica_core import SamplingParams
+
+LONG = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def test_waiting_requests_adapters_load_while_the_batch_is_full(make_engine, parity_adapters):
+    e = make_engine(max_batch=1, max_adapters_on_gpu=2)
+    for name in ("r4_qv", "r8_all", "r64_attn"):
+        e.register_adapter(name, parity_adapters[name])
+    first = e.add_request("Count to ten.", LONG, "r4_qv")
+    e.step()
+    e.step()
+    assert first.output_ids and e.pool.lookup("r4_qv") is not None
+    # the batch is full (max_batch 1): the waiting request's adapter is loaded anyway, into
+    # the free slot, without evicting the one in use
+    waiting = e.add_request("Name a colour.", LONG, "r8_all")
+    e.step()
+    assert waiting.output_ids == [] and e.pool.lookup("r8_all") is not None
+    assert e.pool.lookup("r4_qv") is not None
+    # a third adapter cannot get a slot: one is in use, the other is wanted by a waiting
+    # request, so neither is evicted for it
+    third = e.add_request("Say hi.", LONG, "r64_attn")
+    e.step()
+    assert e.pool.lookup("r64_attn") is None and e.pool.lookup("r8_all") is not None
+    run_to_completion(e)
+    assert [len(r.output_ids) for r in (first, waiting, third)] == [24, 24, 24]
+    assert e.pool.evictions >= 1       # r64_attn got a slot once r4_qv's request had finished
