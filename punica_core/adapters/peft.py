@@ -35,8 +35,8 @@ _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 class LoraAdapter:
     """A validated adapter on the host, scaling folded into B.
 
-    weights[proj] = (a [layers, r, in], b [layers, r, out]), parsed in float32 (the store keeps
-    them in the slot pool's dtype); layers the adapter does not touch are zero.
+    weights[proj] = (a [layers, r, in], b [layers, r, out]) in the dtype asked for (the store
+    asks for the slot pool's); layers the adapter does not touch are zero.
     """
     name: str
     source: str
@@ -264,10 +264,13 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
-                  max_bytes: int = 512 << 20) -> LoraAdapter:
-    """Reads and validates an adapter; raises AdapterError naming the cause."""
+                  max_bytes: int = 512 << 20, dtype: torch.dtype = torch.float32,
+                  pin_memory: bool = False) -> LoraAdapter:
+    """Reads and validates an adapter; raises AdapterError naming the cause. The stacked
+    weights are made in `dtype` (the scaling is folded in float32 first), in pinned memory if
+    asked, so that a slot load is one plain copy."""
     try:
-        return _parse_adapter(name, source, model_cfg, max_rank, max_bytes)
+        return _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin_memory)
     except AdapterError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError,
@@ -276,7 +279,7 @@ def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
         raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
 
 
-def _parse_adapter(name, source, model_cfg, max_rank, max_bytes) -> LoraAdapter:
+def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> LoraAdapter:
     from safetensors.torch import load as st_load
 
     validate_name(name)
@@ -344,8 +347,8 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes) -> LoraAdapter:
     for proj, items in per_proj.items():
         r_max = max(a.shape[0] for _, a, _ in items)
         fan_in, fan_out = model_cfg.proj_shapes[proj]
-        A = torch.zeros(model_cfg.num_layers, r_max, fan_in)
-        B = torch.zeros(model_cfg.num_layers, r_max, fan_out)
+        A = torch.zeros(model_cfg.num_layers, r_max, fan_in, dtype=dtype, pin_memory=pin)
+        B = torch.zeros(model_cfg.num_layers, r_max, fan_out, dtype=dtype, pin_memory=pin)
         for layer, a, bt in items:
             A[layer, :a.shape[0]] = a
             B[layer, :a.shape[0]] = bt

@@ -132,15 +132,9 @@ class AdapterStore:
     def _parse(self, name, source) -> LoraAdapter:
         if source is None:
             raise AdapterError(f"adapter {name!r} was uploaded and is no longer cached")
-        adapter = parse_adapter(name, source, self.model_cfg, self.max_rank,
-                                self.max_adapter_bytes)
         pin = self.pin_memory and torch.cuda.is_available()
-
-        def host(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(self.dtype)
-            return t.pin_memory() if pin else t
-        adapter.weights = {p: (host(a), host(b)) for p, (a, b) in adapter.weights.items()}
-        return adapter
+        return parse_adapter(name, source, self.model_cfg, self.max_rank,
+                             self.max_adapter_bytes, dtype=self.dtype, pin_memory=pin)
 
     def _put(self, name: str, adapter: LoraAdapter) -> None:
         self._cache[name] = adapter

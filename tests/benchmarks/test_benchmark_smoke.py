@@ -96,9 +96,9 @@ def test_adapter_loading_on_cpu(tmp_path):
     assert len(disk["files"]) == 2 and disk["goal_ms"] == 100
     for f in disk["files"]:
         for k in ("read_cold_ms", "register_cold_ms", "slot_copy_cold_ms", "e2e_cold_ms",
-                  "e2e_warm_ms", "parse_validate_ms"):
+                  "e2e_warm_ms", "parse_validate_pin_ms"):
             assert positive(f[k]), k
-        assert f["e2e_cold_ms"] >= f["register_cold_ms"] and f["pin_ms"] is None
+        assert f["e2e_cold_ms"] >= f["register_cold_ms"]
     assert disk["meets_goal_warm"] == (disk["e2e_warm_ms_median"] <= 100)
     s = d["no_stall"]
     assert len(s["step_ms"]["with"]) == len(s["step_ms"]["without"]) == 2 * 3
