@@ -9,6 +9,7 @@ import json
 import math
 import re
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,11 +257,50 @@ def _check_header(blob: bytes, label: str, max_tensor_elems: int) -> dict:
     return header
 
 
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F64": torch.float64}
+
+
+def _tensor_views(blob: bytes, header: dict) -> dict[str, torch.Tensor]:
+    """The file's tensors as read-only views of its bytes (no copy: the weights are copied
+    once, into the stacked layout). `header` was checked by _check_header: every tensor's
+    bytes lie inside the data and match its shape and dtype."""
+    base = 8 + struct.unpack("<Q", blob[:8])[0]
+    view = memoryview(blob)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # "buffer is not writable": nothing writes to it
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _TORCH_DTYPES[meta["dtype"]]
+            start, end = meta["data_offsets"]
+            flat = torch.frombuffer(view, dtype=dtype, count=(end - start) // _ST_DTYPES[
+                meta["dtype"]], offset=base + start) if end > start else \
+                torch.empty(0, dtype=dtype)
+            out[key] = flat.view(meta["shape"])
+    return out
+
+
 def _pattern_value(patterns: dict, module: str, default):
     for key, val in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
             return val
     return default
+
+
+# dtype -> (same-size int, exponent bits): a float is NaN or inf iff its exponent bits are all set
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
+                  torch.bfloat16: (torch.int16, 0x7F80)}
+
+
+def _finite_layers(w: torch.Tensor) -> torch.Tensor:
+    """[layers] bool: no NaN or inf in w[layer]. Reads the exponent bits, which is several
+    times faster than torch.isfinite on bf16 tensors on the CPU."""
+    if w.dtype not in _EXPONENT_BITS:
+        return torch.isfinite(w).flatten(1).all(1)
+    int_type, bits = _EXPONENT_BITS[w.dtype]
+    return ((w.view(int_type).flatten(1) & bits) != bits).all(1)
 
 
 def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
@@ -280,8 +320,6 @@ def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
 
 
 def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> LoraAdapter:
-    from safetensors.torch import load as st_load
-
     validate_name(name)
     raw_cfg, blob, label = read_adapter_files(source, max_bytes)
     cfg = _parse_config(raw_cfg, label)
@@ -300,10 +338,7 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
         if not KEY_RE.match(k):
             raise AdapterError(f"{where}: unexpected tensor {k!r} (only lora_A / lora_B of "
                                f"{', '.join(PROJECTIONS)} can be served)")
-    try:
-        tensors = st_load(blob)
-    except Exception as e:  # safetensors raises its own error types
-        raise AdapterError(f"{where}: unreadable safetensors ({e})") from None
+    tensors = _tensor_views(blob, header)
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
@@ -316,12 +351,13 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
     alpha = float(cfg.get("lora_alpha", 8))
     default_r = int(cfg.get("r", 8))
     rslora = bool(cfg.get("use_rslora", False))
-    per_proj: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    # metadata checks per pair here; the bytes are moved and checked per projection below
+    per_proj: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     for (layer, proj), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: layer {layer} {proj} has lora_{list(ab)[0]} without "
                                "its partner")
-        a, b = ab["A"].float(), ab["B"].float()
+        a, b = ab["A"], ab["B"]
         fan_in, fan_out = model_cfg.proj_shapes[proj]
         r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
@@ -332,8 +368,6 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
         if r < 1 or r > max_rank:
             raise AdapterError(f"{where}: layer {layer} {proj}: rank {r} is over the server's "
                                f"max rank {max_rank}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(f"{where}: layer {layer} {proj}: weights contain NaN or inf")
         module = f"model.layers.{layer}.{'mlp' if 'gate' in proj or 'up' in proj or 'down' in proj else 'self_attn'}.{proj}"
         mod_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha))
         mod_r = int(_pattern_value(cfg.get("rank_pattern"), module, default_r))
@@ -341,17 +375,27 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
             raise AdapterError(f"{where}: layer {layer} {proj}: weights have rank {r} but the "
                                f"config says r={mod_r}")
         scale = mod_alpha / (math.sqrt(r) if rslora else r)
-        per_proj.setdefault(proj, []).append((layer, a, b.t() * scale))
+        per_proj.setdefault(proj, []).append((layer, a, b, scale))
 
     weights = {}
     for proj, items in per_proj.items():
-        r_max = max(a.shape[0] for _, a, _ in items)
+        r_max = max(a.shape[0] for _, a, _, _ in items)
         fan_in, fan_out = model_cfg.proj_shapes[proj]
         A = torch.zeros(model_cfg.num_layers, r_max, fan_in, dtype=dtype, pin_memory=pin)
         B = torch.zeros(model_cfg.num_layers, r_max, fan_out, dtype=dtype, pin_memory=pin)
-        for layer, a, bt in items:
-            A[layer, :a.shape[0]] = a
-            B[layer, :a.shape[0]] = bt
+        scales = {scale for _, _, _, scale in items}
+        for layer, a, b, scale in items:
+            A[layer, :a.shape[0]] = a                   # converting copies
+            B[layer, :a.shape[0]] = b.t()
+            if len(scales) > 1:
+                B[layer, :a.shape[0]].mul_(scale)
+        if len(scales) == 1:
+            # one multiply for all layers: computed in fp32 and rounded once, as x.float() * s
+            B.mul_(scales.pop())
+        finite = _finite_layers(A) & _finite_layers(B)
+        if not finite.all():
+            layer = int((~finite).nonzero()[0])
+            raise AdapterError(f"{where}: layer {layer} {proj}: weights contain NaN or inf")
         weights[proj] = (A, B)
     targets = tuple(p for p in PROJECTIONS if p in weights)
     return LoraAdapter(name=name, source=label, rank=max(A.shape[1] for A, _ in weights.values()),

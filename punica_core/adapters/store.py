@@ -45,7 +45,8 @@ class AdapterStore:
         self._loading: dict[str, object] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
+        # parsing is torch copies that release the GIL: a few workers read adapters in parallel
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-loader")
 
     # -- registry --------------------------------------------------------------------------
     def register(self, name: str, source) -> AdapterInfo:

@@ -105,8 +105,11 @@ def check_rotary(T, H, KVH, D, dtype, device, interp=False, seed=0):
     qkv, cos, sin, kc, vc, sm = rotary_case(T, H, KVH, D, dtype, device, seed)
     want_q, want_k, want_v = rotary_reference(qkv, cos, sin, kc, vc, sm, H, KVH, D)
     q = ft.rotary_qk_and_cache(qkv, cos, sin, kc, vc, sm, H, KVH, D)
-    close(q, want_q, interp)
-    close(kc, want_k, interp)               # rotated rows, and every other row untouched
+    # On the H200 the compiled kernel is within tolerance but not bit-identical to torch
+    # (22 of 64 fp16 elements differed by an ulp; the interpreter matches): tolerance only there
+    exact = 0 if device == "cuda" else None
+    close(q, want_q, interp, exact)
+    close(kc, want_k, interp, exact)        # rotated rows, and every other row untouched
     assert torch.equal(vc, want_v)          # v is copied, never rounded
     # a negative slot (a padding row) writes nothing; int32 slots work the same
     sm2 = sm.clone().int()
@@ -257,7 +260,8 @@ def test_cuda_graph_replay_after_inputs_change():
             o.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        for o, r in zip(outs, ref_outs):
+        for o, r in zip(outs[:-1], ref_outs[:-1]):
             close(o, r)
-        close(kc, ref_k)
+        close(outs[-1], ref_outs[-1], exact=0)      # rotary: tolerance only (check_rotary)
+        close(kc, ref_k, exact=0)
         assert torch.equal(vc, ref_v)
