@@ -80,6 +80,12 @@ def test_engine_gpu_on_cpu(tmp_path):
     assert m["many"]["evictions"] > 0 and m["many"]["host_parses"] > 0
     assert close(ratios["many_vs_resident"],
                  m["many"]["tokens_per_s"] / m["resident"]["tokens_per_s"])
+    warm = m["many_warm_host"]
+    assert warm["tokens"] == m["resident"]["tokens"]
+    assert warm["adapters_not_in_host_cache_at_start"] == 0
+    assert warm["host_parses"] == 0 and warm["evictions"] > 0   # slot churn only, no disk
+    assert close(ratios["many_warm_host_vs_resident"],
+                 warm["tokens_per_s"] / m["resident"]["tokens_per_s"])
     assert d["private_apis_used"]
 
 
