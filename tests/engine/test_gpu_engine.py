@@ -27,8 +27,10 @@ def run(device, dtype, adapters, monkeypatch=None, backend=None):
     # weights drawn on the CPU (a CUDA generator draws other numbers for the same seed)
     loaded = load_model("random:tiny", "cpu", torch.float32)
     loaded.model = loaded.model.to(device, dtype)
+    # eager on both sides: this compares the SGMV kernels with the torch backend; graph
+    # replay against eager is tests/engine/test_cuda_graphs.py
     e = Engine(EngineConfig(model="random:tiny", device=device, kv_cache_gb=0.05,
-                            max_adapters_on_gpu=4), loaded=loaded)
+                            max_adapters_on_gpu=4, cuda_graphs=False), loaded=loaded)
     for name, path in adapters.items():
         e.register_adapter(name, path)
     e.runner.capture = captured = []
