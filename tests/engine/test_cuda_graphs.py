@@ -5,7 +5,7 @@ with batches that shrink through several buckets (padding rows) and mix adapters
 import pytest
 import torch
 
-from helpers import run_to_completion
+from helpers import assert_logits_agree, run_to_completion
 from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.adapters.random_adapter import ALL_PROJECTIONS, write_random_adapter
 from punica_core.model.config import NAMED_SHAPES
@@ -49,19 +49,6 @@ def run(adapters, graphs: bool, dtype=torch.bfloat16, n_requests=11):
     return e, [(r.output_ids, logits[r.id]) for r in reqs]
 
 
-def compare(ref, test, rel_tol, tie_tol):
-    for (ref_ids, ref_logits), (ids, logits) in zip(ref, test):
-        assert len(ids) == len(ref_ids)
-        for step in range(len(ids)):
-            a, b = ref_logits[step], logits[step]
-            err = ((a - b).norm() / a.norm()).item()
-            assert err < rel_tol, f"step {step}: relative logit error {err}"
-            if ids[step] != ref_ids[step]:
-                top2 = a.topk(2).values
-                assert (top2[0] - top2[1]).item() < tie_tol, "tokens parted without a tie"
-                break
-
-
 def test_graph_replay_matches_eager_with_adapters(adapters):
     eager, ref = run(adapters, graphs=False)
     assert eager.runner.graphs is None
@@ -70,7 +57,7 @@ def test_graph_replay_matches_eager_with_adapters(adapters):
     buckets = {b for b, _ in captured}
     assert {(16, True), (8, True)} <= set(captured), captured
     assert {1, 2, 4} <= buckets, captured
-    compare(ref, test, rel_tol=5e-2, tie_tol=0.25)
+    assert_logits_agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
 
 
 def test_graph_replay_fp32_no_adapter_is_tight():
@@ -79,7 +66,7 @@ def test_graph_replay_fp32_no_adapter_is_tight():
     _, ref = run({}, graphs=False, dtype=torch.float32, n_requests=6)
     engine, test = run({}, graphs=True, dtype=torch.float32, n_requests=6)
     assert engine.runner.graphs.captured
-    compare(ref, test, rel_tol=1e-4, tie_tol=1e-3)
+    assert_logits_agree(ref, test, rel_tol=1e-4, tie_tol=1e-3)
 
 
 def test_graphs_are_off_without_cuda_graphs_flag_or_with_lora_off(adapters):

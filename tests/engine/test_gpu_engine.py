@@ -6,7 +6,7 @@ the tokens part, the reference's top two logits were a near-tie."""
 import pytest
 import torch
 
-from helpers import run_to_completion
+from helpers import assert_logits_agree, run_to_completion
 from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.adapters.random_adapter import ALL_PROJECTIONS, write_random_adapter
 from punica_core.model.config import NAMED_SHAPES
@@ -46,16 +46,8 @@ def run(device, dtype, adapters, monkeypatch=None, backend=None):
 
 
 def agree(ref, test, rel_tol, tie_tol):
-    for (ref_ids, ref_logits), (ids, logits) in zip(ref, test):
-        assert len(ids) == len(ref_ids) == NEW
-        for step in range(NEW):
-            a, b = ref_logits[step], logits[step]
-            err = ((a - b).norm() / a.norm()).item()
-            assert err < rel_tol, f"step {step}: relative logit error {err}"
-            if ids[step] != ref_ids[step]:
-                top2 = a.topk(2).values
-                assert (top2[0] - top2[1]).item() < tie_tol, "tokens parted without a tie"
-                break
+    assert all(len(ids) == NEW for ids, _ in ref + test)
+    assert_logits_agree(ref, test, rel_tol, tie_tol)
 
 
 def make_adapters(root, b_scale):

@@ -5,12 +5,6 @@ interpreter in a subprocess (TRITON_INTERPRET must be set before triton is impor
 where triton is not installed (CI)."""
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +13,8 @@ import torch
 from punica_core.model import attention_triton as at
 from punica_core.model.attention import paged_attention_ref
 from punica_core.model.config import NAMED_SHAPES
+from triton_interpreter import needs_triton, run_in_interpreter
 
-ROOT = Path(__file__).resolve().parents[2]
 CTX_LENS = [1, 15, 16, 17, 300, 2049]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}   # atol = rtol
 
@@ -154,15 +148,9 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_interpreter_matches_reference_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-    assert len(json.loads(line[len("RESULTS "):])) == 36
+    assert len(run_in_interpreter(_INTERP_SCRIPT)) == 36
 
 
 # ---- CUDA -----------------------------------------------------------------------------

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,11 +17,11 @@ import torch.nn.functional as F
 
 from punica_core.model import fused_triton as ft
 from punica_core.model.config import NAMED_SHAPES
+from triton_interpreter import needs_triton, run_in_interpreter
 from punica_core.model.kv_cache import KVCache
 from punica_core.model.llama import rms_norm as llama_rms_norm
 from punica_core.model.rope import RotaryTable, apply_rotary
 
-ROOT = Path(__file__).resolve().parents[2]
 EPS = 1e-5
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}   # atol = rtol
 INTERP_BF16_TOL = 6.25e-2       # a few truncated bf16 ulps at |x| ~ 4
@@ -176,15 +171,9 @@ print("RESULTS " + json.dumps(done))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_interpreter_matches_reference_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-    assert len(json.loads(line[len("RESULTS "):])) == 30
+    assert len(run_in_interpreter(_INTERP_SCRIPT)) == 30
 
 
 # ---- CUDA -------------------------------------------------------------------------------------
