@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="most requests decoding together in one step (default 32)")
     p.add_argument("--max-adapters-on-gpu", type=int, default=8,
                    help="adapter slots on the device; others wait in host memory (default 8)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run every step eagerly instead of replaying captured CUDA "
+                        "graphs for decode steps (slower; for debugging)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="queue bound; beyond it requests are refused with 'busy' (default 256)")
     p.add_argument("--no-upload", action="store_true",
@@ -44,20 +47,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def server_config(args: argparse.Namespace):
+    from .state import ServerConfig
+    return ServerConfig(model=args.model, adapters_dir=args.adapters,
+                        adapter_dirs=tuple(args.adapter_dir), upload_dir=args.upload_dir,
+                        device=args.device, host=args.host, port=args.port,
+                        max_batch=args.max_batch, max_adapters_on_gpu=args.max_adapters_on_gpu,
+                        max_waiting=args.max_waiting, allow_upload=not args.no_upload,
+                        max_upload_mb=args.max_upload_mb, api_key=args.api_key,
+                        engines=args.engines, cuda_graphs=not args.enforce_eager)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import uvicorn
 
     from .server import build_state, create_app
-    from .state import ServerConfig
 
-    cfg = ServerConfig(model=args.model, adapters_dir=args.adapters,
-                       adapter_dirs=tuple(args.adapter_dir), upload_dir=args.upload_dir,
-                       device=args.device, host=args.host, port=args.port,
-                       max_batch=args.max_batch, max_adapters_on_gpu=args.max_adapters_on_gpu,
-                       max_waiting=args.max_waiting, allow_upload=not args.no_upload,
-                       max_upload_mb=args.max_upload_mb, api_key=args.api_key,
-                       engines=args.engines)
+    cfg = server_config(args)
     state = build_state(cfg)
     app = create_app(state)
     print(f"[punica] playground: http://{args.host}:{args.port}/   "

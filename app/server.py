@@ -21,11 +21,15 @@ def discover_adapters(folder: str | None) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file())
 
 
+def engine_config(cfg: ServerConfig) -> EngineConfig:
+    return EngineConfig(model=cfg.model, device=cfg.device, max_batch=cfg.max_batch,
+                        max_adapters_on_gpu=cfg.max_adapters_on_gpu, max_waiting=cfg.max_waiting,
+                        cuda_graphs=cfg.cuda_graphs)
+
+
 def build_state(cfg: ServerConfig, engine: Engine | None = None, progress=print) -> ServerState:
     if engine is None:
-        engine_cfg = EngineConfig(model=cfg.model, device=cfg.device, max_batch=cfg.max_batch,
-                                  max_adapters_on_gpu=cfg.max_adapters_on_gpu,
-                                  max_waiting=cfg.max_waiting)
+        engine_cfg = engine_config(cfg)
         if cfg.engines > 1:
             from punica_core.cluster import ClusterConfig, ClusterEngine
             progress(f"[punica] starting up to {cfg.engines} engines on Ray ...")

@@ -23,6 +23,7 @@ class ServerConfig:
     max_upload_mb: int = 64
     api_key: str | None = None
     engines: int = 1
+    cuda_graphs: bool = True                    # False: --enforce-eager
 
 
 @dataclass
