@@ -3,8 +3,21 @@
 Default model (SmolLM2-135M-Instruct, fp32), 8 concurrent requests, 64-token prompts, 64 new
 tokens, greedy. Cases: no adapter, one adapter for all 8, 8 distinct adapters. Two adapter
 shapes: PEFT's default for Llama (rank 8 on q_proj and v_proj) and a heavy one (rank 16 on all
-seven projections). Both systems run each case `--repeats` times, interleaved, so that load
-on the machine falls on both alike; the median is reported.
+seven projections). Three systems run each case `--repeats` times, interleaved, so that load
+on the machine falls on all alike; the median is reported:
+
+    ours              this engine (its CPU fp32 linear: punica_core/model/linear.py)
+    peft              transformers + PEFT as shipped (nn.Linear -> F.linear, MKL)
+    peft_same_linear  the same transformers + PEFT model, with every torch.nn.Linear forward
+                      (base layers, LM head and the LoRA A/B modules alike) routed through
+                      punica_core.model.linear.linear for the duration of its generate calls:
+                      the margin over PEFT that is not the linear kernel
+    peft_same_base_linear  the same, but only the base layers and the LM head routed (where
+                      our engine uses that kernel); the LoRA A/B modules keep F.linear, since
+                      oneDNN costs ~10 us a call against F.linear's ~2 us for rank-8/16 shapes
+                      (2-core EPYC), which penalises PEFT's many small LoRA calls
+
+Every system gets one short untimed generate before the timed repeats.
 
     python benchmarks/engine_cpu.py --out benchmarks/results/engine_cpu.json
 """
@@ -18,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from punica_core import Engine, EngineConfig, SamplingParams  # noqa: E402
 from punica_core.adapters.random_adapter import ALL_PROJECTIONS, make_peft_adapter  # noqa: E402
 from punica_core.model.default_model import default_model_dir  # noqa: E402
+from punica_core.model.linear import formulation, linear  # noqa: E402
+
+NN_LINEAR_FORWARD = torch.nn.Linear.forward
 
 TEXT = ("The history of computing is a story of people who wanted to calculate faster, "
         "remember more and share what they knew. From the abacus to mechanical calculators, "
@@ -64,6 +81,39 @@ def run_peft(model, batch, adapters, new_tokens):
     return gen.numel() / dt, gen.tolist()
 
 
+def lora_linear_ids(peft) -> frozenset:
+    """id() of every lora_A / lora_B nn.Linear in a PEFT model."""
+    from peft.tuners.lora.layer import LoraLayer
+    return frozenset(id(m) for layer in peft.modules() if isinstance(layer, LoraLayer)
+                     for d in (layer.lora_A, layer.lora_B) for m in d.values())
+
+
+@contextmanager
+def same_linear(counts: dict, skip: frozenset = frozenset()):
+    """Routes every torch.nn.Linear forward through our CPU linear (flattened to 2-D rows, as
+    our engine calls it) while active; restores nn.Linear.forward afterwards. PEFT's LoRA
+    layers (peft.tuners.lora.layer.Linear) are not nn.Linear subclasses: they call their
+    base_layer and lora_A/lora_B modules, which are, so those go through the patch too.
+    `counts[formulation]` counts the patched calls; modules whose id() is in `skip` keep the
+    original forward (counted under 'not_routed')."""
+    original = torch.nn.Linear.forward
+
+    def forward(self, x):
+        if id(self) in skip:
+            counts["not_routed"] = counts.get("not_routed", 0) + 1
+            return original(self, x)
+        x2 = x.reshape(-1, x.shape[-1])
+        how = formulation(x2, self.weight)
+        counts[how] = counts.get(how, 0) + 1
+        return linear(x2, self.weight, self.bias, how=how).view(*x.shape[:-1], -1)
+
+    torch.nn.Linear.forward = forward
+    try:
+        yield counts
+    finally:
+        torch.nn.Linear.forward = original
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/engine_cpu.json")
@@ -85,12 +135,14 @@ def main():
            "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "repeats": args.repeats, "torch_threads": args.threads,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "torch": torch.__version__},
+                       "torch": torch.__version__,
+                       "load_average_1_5_15_min_at_start": list(os.getloadavg())},
            "shapes": {}}
     for shape in args.shapes.split(","):
         rank, targets = shapes[shape]
         print(f"== adapters: rank {rank} on {','.join(targets)}", flush=True)
         out["shapes"][shape] = run_shape(args, hf, rank, targets)
+    out["machine"]["load_average_1_5_15_min_at_end"] = list(os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps({k: v["ratios"] for k, v in out["shapes"].items()}, indent=2))
@@ -115,23 +167,54 @@ def run_shape(args, hf, rank, targets):
     cases = {"no_adapter": [None] * args.batch, "one_adapter": [names[0]] * args.batch,
              "distinct_adapters": names}
 
+    lora_ids = lora_linear_ids(peft)
+    assert lora_ids, "no LoRA A/B modules found"
+
+    def peft_systems(adapters, counts, counts_base):
+        """(tokens/s, tokens) of peft, peft_same_linear, peft_same_base_linear."""
+        r = [run_peft(peft, batch, adapters, new)]
+        with same_linear(counts):
+            r.append(run_peft(peft, batch, adapters, new))
+        with same_linear(counts_base, skip=lora_ids):
+            r.append(run_peft(peft, batch, adapters, new))
+        return r
+
     run_ours(engine, batch, cases["distinct_adapters"], 4)     # warm-up
-    results = {c: {"ours": [], "peft": []} for c in cases}
-    agree = {}
+    new = 4                                                    # warm-up, untimed
+    peft.set_adapter(names[0])
+    peft_systems(cases["distinct_adapters"], {}, {})
+    with peft.disable_adapter():
+        peft_systems(cases["no_adapter"], {}, {})
+    new = args.new_tokens
+    systems = ["ours", "peft", "peft_same_linear", "peft_same_base_linear"]
+    results = {c: {k: [] for k in systems} for c in cases}
+    agree, agree_same, agree_base, patched, patched_base = {}, {}, {}, {}, {}
     for rep in range(args.repeats):
         for case, adapters in cases.items():
             tps, ours_tokens = run_ours(engine, batch, adapters, args.new_tokens)
             results[case]["ours"].append(tps)
+            counts, counts_base = {}, {}
             if case == "no_adapter":
                 with peft.disable_adapter():
-                    tps_p, peft_tokens = run_peft(peft, batch, adapters, args.new_tokens)
+                    runs = peft_systems(adapters, counts, counts_base)
             else:
                 peft.set_adapter(names[0])
-                tps_p, peft_tokens = run_peft(peft, batch, adapters, args.new_tokens)
+                runs = peft_systems(adapters, counts, counts_base)
+            (tps_p, peft_tokens), (tps_s, same_tokens), (tps_b, base_tokens) = runs
+            assert counts.get("not_routed", 0) == 0 and sum(counts.values()) > 0, counts
+            assert sum(v for k, v in counts_base.items() if k != "not_routed") > 0, counts_base
+            assert torch.nn.Linear.forward is NN_LINEAR_FORWARD, "nn.Linear not restored"
             results[case]["peft"].append(tps_p)
+            results[case]["peft_same_linear"].append(tps_s)
+            results[case]["peft_same_base_linear"].append(tps_b)
             if rep == 0:    # same greedy tokens? (no padding, so they should match)
                 agree[case] = sum(a == b for a, b in zip(ours_tokens, peft_tokens))
-            print(f"rep {rep} {case:18s} ours {tps:7.1f} tok/s   peft {tps_p:7.1f} tok/s",
+                agree_same[case] = sum(a == b for a, b in zip(ours_tokens, same_tokens))
+                agree_base[case] = sum(a == b for a, b in zip(ours_tokens, base_tokens))
+                patched[case] = dict(sorted(counts.items()))
+                patched_base[case] = dict(sorted(counts_base.items()))
+            print(f"rep {rep} {case:18s} ours {tps:6.1f}  peft {tps_p:6.1f}  "
+                  f"peft_same_linear {tps_s:6.1f}  peft_same_base_linear {tps_b:6.1f} tok/s",
                   flush=True)
     engine.close()
     peft.unload()
@@ -145,10 +228,22 @@ def run_shape(args, hf, rank, targets):
         / med["one_adapter"]["peft"],
         "one_adapter_vs_our_no_adapter": med["one_adapter"]["ours"] / med["no_adapter"]["ours"],
         "our_no_adapter_vs_hf_no_adapter": med["no_adapter"]["ours"] / med["no_adapter"]["peft"],
+        "distinct_vs_peft_same_linear_distinct": med["distinct_adapters"]["ours"]
+        / med["distinct_adapters"]["peft_same_linear"],
+        "peft_same_linear_no_adapter_vs_ours_no_adapter": med["no_adapter"]["peft_same_linear"]
+        / med["no_adapter"]["ours"],
+        "distinct_vs_peft_same_base_linear_distinct": med["distinct_adapters"]["ours"]
+        / med["distinct_adapters"]["peft_same_base_linear"],
+        "peft_same_base_linear_no_adapter_vs_ours_no_adapter":
+        med["no_adapter"]["peft_same_base_linear"] / med["no_adapter"]["ours"],
     }
     return {"adapter_rank": rank, "adapter_targets": targets,
             "tokens_per_s_median": med, "tokens_per_s_all": results, "ratios": ratios,
-            "greedy_sequences_equal_to_peft": agree}
+            "greedy_sequences_equal_to_peft": agree,
+            "greedy_sequences_peft_same_linear_equal_to_ours": agree_same,
+            "greedy_sequences_peft_same_base_linear_equal_to_ours": agree_base,
+            "peft_same_linear_patched_calls_first_repeat": patched,
+            "peft_same_base_linear_patched_calls_first_repeat": patched_base}
 
 
 if __name__ == "__main__":
