@@ -15,7 +15,9 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 def run_in_interpreter(script: str) -> list:
     """The JSON list that `script` prints on its last 'RESULTS ' line (it must exit 0)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    # the script imports the test modules, which import this one
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
