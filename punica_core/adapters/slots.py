@@ -82,7 +82,10 @@ class SlotPool:
 
     def load(self, adapter: LoraAdapter, keep: set[str] = frozenset()) -> int | None:
         """Puts the adapter in a free (or least recently used, unused) slot, never evicting the
-        adapters named in `keep`. None if no slot can be had."""
+        adapters named in `keep`. None if no slot can be had. An adapter already resident
+        keeps its slot (two slots under one name would break the name -> slot map)."""
+        if adapter.name in self._slot_of:
+            return self._slot_of[adapter.name]
         slot = self._free_slot(keep)
         if slot is None:
             return None

@@ -78,3 +78,14 @@ def test_block_allocator_exact_accounting():
     with pytest.raises(ValueError, match="freed twice"):
         a.free(x)
     assert a.num_free == 4 and a.num_used == 6
+
+
+def test_loading_a_resident_adapter_again_keeps_its_one_slot(make_engine, parity_adapters):
+    e = make_engine(max_adapters_on_gpu=2)
+    e.register_adapter("a", parity_adapters["r4_qv"])
+    adapter = e.store.get_cached("a")
+    slot = e.pool.load(adapter)
+    assert e.pool.load(adapter) == slot and e.pool.loads == 1
+    assert e.pool.snapshot()["resident"] == ["a"]
+    e.pool.evict("a")
+    assert e.pool.lookup("a") is None and e.pool.snapshot()["resident"] == []
