@@ -368,7 +368,8 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
         if r < 1 or r > max_rank:
             raise AdapterError(f"{where}: layer {layer} {proj}: rank {r} is over the server's "
                                f"max rank {max_rank}")
-        module = f"model.layers.{layer}.{'mlp' if 'gate' in proj or 'up' in proj or 'down' in proj else 'self_attn'}.{proj}"
+        kind = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        module = f"model.layers.{layer}.{kind}.{proj}"
         mod_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha))
         mod_r = int(_pattern_value(cfg.get("rank_pattern"), module, default_r))
         if mod_r != r:

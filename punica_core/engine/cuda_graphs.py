@@ -2,9 +2,9 @@
 
 A decode step of a 7B model launches well over a thousand kernels; launched one by one from
 Python they take far longer than the work they do (benchmarks/results/decode_graphs_h200.json:
-a step with 32 distinct adapters took 24 ms eagerly, 8.1 ms replayed). Here each batch-size bucket has one
-graph of the whole forward (two: with and without LoRA), captured on first use over static
-buffers. A step writes its inputs into two pinned host buffers, copies them to the device, and
+a step with 32 distinct adapters took 24 ms eagerly, 8.1 ms replayed). Here each batch-size
+bucket has one graph of the whole forward (two: with and without LoRA), captured on first use
+over static buffers. A step writes its inputs into two pinned host buffers, copies them to the device, and
 replays the graph; every row is its own LoRA segment; padding rows attend to nothing, write
 their K/V into the KV cache's scratch block and use no adapter. Nothing in a replayed step
 reads device memory on the host: the sampled tokens are the step's one synchronisation.

@@ -114,12 +114,17 @@ class Scheduler:
         if error:
             self._refuse(req, batch, error)
             return None
+        slot = self._start_loading(name)
+        return slot is not None and self.pool.is_ready(slot)
+
+    def _start_loading(self, name: str, keep: set[str] = frozenset()) -> int | None:
+        """The adapter's slot once its copy is issued; None while it is read from disk (on a
+        worker thread) or while no slot can be had."""
         adapter = self.store.get_cached(name)
         if adapter is None:
-            self.store.prefetch(name)           # disk read on a worker thread
-            return False
-        slot = self.pool.load(adapter)          # None: every slot is in use
-        return slot is not None and self.pool.is_ready(slot)
+            self.store.prefetch(name)
+            return None
+        return self.pool.load(adapter, keep)
 
     def _load_ahead(self) -> None:
         """Starts loading the adapters of the next waiting requests (disk -> host cache ->
@@ -129,14 +134,9 @@ class Scheduler:
                                     if r.adapter is not None))
         keep = set(wanted)
         for name in wanted:
-            if self.pool.lookup(name) is not None or name not in self.store \
-                    or self.store.load_error(name):
-                continue
-            adapter = self.store.get_cached(name)
-            if adapter is None:
-                self.store.prefetch(name)
-            elif self.pool.load(adapter, keep) is None:
-                return                          # no slot to spare now
+            if self.pool.lookup(name) is None and name in self.store \
+                    and not self.store.load_error(name):
+                self._start_loading(name, keep)
 
     def _refuse(self, req: Request, batch: ScheduledBatch, why: str) -> None:
         self.waiting.remove(req)
