@@ -51,12 +51,7 @@ def add_lora_small_batch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: t
     v = full[plan.rel_slots, :, plan.arange]                        # [n, r]
     out = torch.matmul(v, b[plan.lo:plan.hi, layer, :rank])         # [S', n, out]
     delta = out[plan.rel_slots, plan.arange]                        # [n, out]
-    target = y[:, col_offset:col_offset + b.shape[-1]]
-    if plan.all_rows:
-        target.add_(delta)
-    else:
-        target.index_add_(0, plan.rows, delta)
-    return y
+    return _add_rows(y, delta, plan, col_offset)
 
 
 def _add_one_per_slot(y, xs, a, b, plan, layer, rank, col_offset):
@@ -69,7 +64,12 @@ def _add_one_per_slot(y, xs, a, b, plan, layer, rank, col_offset):
         wb = b[:, layer, :rank].index_select(0, plan.slots)
     v = (wa * xs.unsqueeze(1)).sum(-1)                              # [n, r]
     delta = torch.bmm(v.unsqueeze(1), wb).squeeze(1)                # [n, out]
-    target = y[:, col_offset:col_offset + b.shape[-1]]
+    return _add_rows(y, delta, plan, col_offset)
+
+
+def _add_rows(y, delta, plan, col_offset):
+    """y[rows, off:off+out] += delta [n, out], rows being those with an adapter."""
+    target = y[:, col_offset:col_offset + delta.shape[-1]]
     if plan.all_rows:
         target.add_(delta)
     else:
