@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.kernels import time_graph as kernel_time_graph  # noqa: E402
 from punica_core.model.attention import paged_attention_ref  # noqa: E402
 from punica_core.model.attention_triton import (choose_num_partitions,  # noqa: E402
                                                 paged_decode_attention)
@@ -38,33 +37,8 @@ BLOCK = 16
 
 
 def time_graph(body, calls, target_ms=20.0, repeats=5):
-    """Median seconds of one of the `calls` calls that `body` makes, from CUDA-graph replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                       # compile / warm up outside capture
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    reps = max(1, min(200, int(target_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
-    times = []
-    for _ in range(repeats):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(reps):
-            graph.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e-3 / reps / calls)
-    del graph
-    return statistics.median(times)
+    """Median seconds of one of the `calls` calls that `body` makes (kernels.py's timer)."""
+    return kernel_time_graph(body, calls, target_ms, repeats)[0]
 
 
 def copy_bandwidth(dtype):
