@@ -6,8 +6,9 @@ Measured in one run:
   * the device's copy bandwidth (a 2 GiB device-to-device copy, bytes read + written) and the
     dense torch.matmul rate of every prefill shape: the two ceilings;
   * decode: Llama-2-7B / 13B projection shapes (q/k/v/o: hidden->hidden, gate/up: hidden->inter,
-    down: inter->hidden), rows 1..64, distinct adapters 1..64, rank 16 and 64; time of shrink +
-    expand, GB/s on the adapter bytes read (only each adapter's real rank rows) and its fraction
+    down: inter->hidden), rows 1..64, distinct adapters 1..64, rank 16 and 64; time of
+    punica::add_lora ("ours": shrink + expand, one fused launch for decode batches on sm_90) and
+    of the two-kernel pair sgmv_shrink + sgmv_expand ("pair"), GB/s on the adapter bytes read (only each adapter's real rank rows) and its fraction
     of the copy bandwidth; against (a) the torch reference gather + bmm
     (torch_ref.gather_bmm_*, gathering the batch's largest rank), (b) a Python loop of
     torch.matmul per adapter (torch_ref.sgmv_*), (c) the same work padded to one rank as one
@@ -139,7 +140,7 @@ def decode_batch(rows, adapters, ranks_of_adapter, no_adapter_rows=0):
 
 
 def bench_decode_case(pool, fin, fout, rows, adapters, seg_ranks, no_adapter_rows=0,
-                      baselines=True, eager=False, pad_rank=None):
+                      baselines=True, eager=False, pad_rank=None, sweep=False):
     """seg_ranks: the rank of each adapter in the batch (slot ranks are set per call)."""
     g = torch.Generator().manual_seed(rows * 131 + adapters)
     sizes = decode_batch(rows, adapters, seg_ranks, no_adapter_rows)
@@ -178,7 +179,7 @@ def bench_decode_case(pool, fin, fout, rows, adapters, seg_ranks, no_adapter_row
     out = {"rows": rows, "adapters": adapters, "no_adapter_rows": no_adapter_rows,
            "ranks": sorted(set(seg_ranks)), "adapter_bytes": real_bytes, "calls_per_graph": calls}
 
-    def ours(pdl=True):
+    def pair(pdl=True):     # the two-kernel path: shrink into v, then expand from v
         def body():
             for c in range(calls):
                 torch.ops.punica.sgmv_shrink(v, x, a, indptr_t, slots_t[c], ranks_t,
@@ -187,8 +188,19 @@ def bench_decode_case(pool, fin, fout, rows, adapters, seg_ranks, no_adapter_row
                                              call_layers[c], 0, 0, pdl)
         return body
 
+    def ours(pdl=True, cluster=0):    # add_lora: the fused kernel for decode batches on sm_90
+        def body():
+            for c in range(calls):
+                torch.ops.punica.add_lora(y, x, v, [a], [b], [ranks_t], [0], indptr_t,
+                                          slots_t[c], call_layers[c], 0, cluster, pdl)
+        return body
+
     out["ours_s"], out["ours_spread_s"] = time_graph(ours(True), calls)
     out["ours_no_pdl_s"], _ = time_graph(ours(False), calls)
+    out["pair_s"], _ = time_graph(pair(True), calls)
+    out["pair_no_pdl_s"], _ = time_graph(pair(False), calls)
+    if eager or sweep:   # which cluster size the auto choice should take
+        out["ours_by_cluster_s"] = {c: time_graph(ours(True, c), calls)[0] for c in (4, 8, 16)}
     if eager:
         out["ours_eager_s"] = time_eager(ours(True), calls)
     if baselines:
@@ -278,6 +290,12 @@ def launch_floor():
                 torch.ops.punica.sgmv_expand(y, v, pool.b, indptr, none, pool.ranks, 0, 0, 0, pdl)
         out["pdl" if pdl else "no_pdl"], _ = time_graph(body, calls)
 
+    def fused():
+        for c in range(calls):
+            torch.ops.punica.add_lora(y, x, v, [pool.a], [pool.b], [pool.ranks], [0], indptr, none,
+                                      0)
+    out["fused_pdl"], _ = time_graph(fused, calls)
+
     def torch_pair():   # two tiny torch kernels, for scale
         for c in range(calls):
             v.add_(1)
@@ -296,7 +314,8 @@ def run_mixed(copy_bw):
     mix = [4, 8, 16, 64, 128] * 6
     for name, (fin, fout) in shapes_of("llama-2-7b").items():
         pool = Pool(fin, fout, 128, [128] * POOL_SLOTS)
-        r = bench_decode_case(pool, fin, fout, 30, 30, mix, no_adapter_rows=2, pad_rank=128)
+        r = bench_decode_case(pool, fin, fout, 30, 30, mix, no_adapter_rows=2, pad_rank=128,
+                              sweep=True)
         r.update(model="llama-2-7b", shape=name, fin=fin, fout=fout, rank="mixed")
         finish_decode(r, copy_bw)
         padded = bench_decode_case(pool, fin, fout, 30, 30, [128] * 30, no_adapter_rows=2,
@@ -315,6 +334,8 @@ def finish_decode(r, copy_bw):
     r["ours_gbps"] = r["adapter_bytes"] / r["ours_s"] / 1e9
     r["ours_frac_copy_bw"] = r["adapter_bytes"] / r["ours_s"] / copy_bw
     r["ours_no_pdl_frac_copy_bw"] = r["adapter_bytes"] / r["ours_no_pdl_s"] / copy_bw
+    r["pair_frac_copy_bw"] = r["adapter_bytes"] / r["pair_s"] / copy_bw
+    r["fused_vs_pair_speedup"] = r["pair_s"] / r["ours_s"]
     for k in ("torch_ref_gather_bmm", "torch_loop_matmul", "torch_padded_bmm"):
         if k + "_s" in r:
             r[k + "_speedup"] = r[k + "_s"] / r["ours_s"]
@@ -324,7 +345,7 @@ def fmt_decode(r):
     s = (f"{r.get('model', '')[8:]:>4} {r.get('shape', ''):>7} r={str(r.get('rank')):>5} "
          f"rows={r['rows']:>2} A={r['adapters']:>2}  ours {r['ours_s'] * 1e6:7.1f} us "
          f"{r['ours_gbps']:6.0f} GB/s ({100 * r['ours_frac_copy_bw']:3.0f}%, no-PDL "
-         f"{100 * r['ours_no_pdl_frac_copy_bw']:3.0f}%)")
+         f"{100 * r['ours_no_pdl_frac_copy_bw']:3.0f}%; pair {100 * r['pair_frac_copy_bw']:3.0f}%)")
     if "torch_ref_gather_bmm_speedup" in r:
         s += (f"  x{r['torch_ref_gather_bmm_speedup']:.1f} ref  x{r['torch_loop_matmul_speedup']:.1f}"
               f" loop  x{r['torch_padded_bmm_speedup']:.1f} bmm")

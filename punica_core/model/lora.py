@@ -15,7 +15,8 @@ SMALL_BATCH_MAX_ROWS = 64
 
 
 class LoraContext:
-    """Adds every row's adapter delta to a projection's output, one SGMV pair per projection.
+    """Adds every row's adapter delta to a projection site's output: with the CUDA kernels one
+    op per site (q/k/v, o, gate/up, down), fused into a single launch for decode batches.
 
     Built once per step; `apply` is called per layer and does no Python work per adapter beyond
     the op calls (the CPU reference loops over segments inside the op).
@@ -60,15 +61,24 @@ class LoraContext:
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...]):
         """out: [T, site_out] fused projection output; x: [T, in] its input."""
-        for p in projs:
-            if not self.active.get(p):
-                continue
-            w = self.pool.weights[p]
-            if self.small is not None:
+        active = [p for p in projs if self.active.get(p)]
+        if not active:
+            return
+        if self.small is not None:
+            for p in active:
+                w = self.pool.weights[p]
                 add_lora_small_batch(out, x, w.a, w.b, self.small, layer, self.rank[p],
                                      self.pool.col_offsets[p])
-                continue
-            ranks = w.ranks_list if self._lists else w.ranks
-            ops.sgmv_shrink(self.v, x, w.a, self._indptr, self._slots, ranks, layer)
-            ops.sgmv_expand(out, self.v, w.b, self._indptr, self._slots, ranks, layer,
-                            self.pool.col_offsets[p])
+            return
+        if self._lists:     # torch reference: host lists, a shrink + expand per projection
+            for p in active:
+                w = self.pool.weights[p]
+                ops.sgmv_shrink(self.v, x, w.a, self._indptr, self._slots, w.ranks_list, layer)
+                ops.sgmv_expand(out, self.v, w.b, self._indptr, self._slots, w.ranks_list, layer,
+                                self.pool.col_offsets[p])
+            return
+        # CUDA kernels: every projection of the site (q/k/v, gate/up) in one op call
+        ops.add_lora(out, x, self.v,
+                     [(self.pool.weights[p].a, self.pool.weights[p].b, self.pool.weights[p].ranks,
+                       self.pool.col_offsets[p]) for p in active],
+                     self._indptr, self._slots, layer)

@@ -35,4 +35,14 @@ def sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer: int, col_offset: in
     return torch_ref.sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, col_offset)
 
 
-__all__ = ["sgmv_shrink", "sgmv_expand", "torch_ref", "cuda_ops", "kernels_for"]
+def add_lora(y, x, v, projections, seg_indptr, slot_ids, layer: int):
+    """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
+    (a, b, ranks, col_offset) in `projections`, all reading x; v is the shrink's workspace
+    ([n, >= max_rank]; the fused CUDA kernel does not touch it)."""
+    ops = kernels_for(x)
+    if ops is not None:
+        return ops.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer)
+    return torch_ref.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer)
+
+
+__all__ = ["sgmv_shrink", "sgmv_expand", "add_lora", "torch_ref", "cuda_ops", "kernels_for"]

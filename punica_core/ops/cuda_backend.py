@@ -63,7 +63,12 @@ def _register_fakes() -> None:
     def expand_fake(y, v, b, seg_indptr, slot_ids, ranks, layer, col_offset=0, path=0, pdl=True):
         return None
 
-    for name, fn in (("punica::sgmv_shrink", shrink_fake), ("punica::sgmv_expand", expand_fake)):
+    def add_lora_fake(y, x, v, a, b, ranks, col_offsets, seg_indptr, slot_ids, layer, path=0,
+                      cluster=0, pdl=True):
+        return None
+
+    for name, fn in (("punica::sgmv_shrink", shrink_fake), ("punica::sgmv_expand", expand_fake),
+                     ("punica::add_lora", add_lora_fake)):
         try:
             torch.library.register_fake(name)(fn)
         except RuntimeError:   # already registered (module reloaded)
@@ -124,4 +129,20 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, seg_indptr, s
     dev = y.device
     torch.ops.punica.sgmv_expand(y, v, b, _index(seg_indptr, dev), _index(slot_ids, dev),
                                  _index(ranks, dev), int(layer), int(col_offset))
+    return y
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg_indptr, slot_ids,
+             layer: int) -> torch.Tensor:
+    """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
+    (a, b, ranks, col_offset) in `projections` (1 to 4, all reading x); returns y.
+
+    One fused launch for decode batches on sm_90 (v untouched); otherwise a shrink + expand
+    pair per projection through v ([n, >= max_rank]).
+    """
+    dev = x.device
+    a, b, ranks, offs = zip(*projections)
+    torch.ops.punica.add_lora(y, x, v, list(a), list(b), [_index(r, dev) for r in ranks],
+                              [int(o) for o in offs], _index(seg_indptr, dev),
+                              _index(slot_ids, dev), int(layer))
     return y

@@ -51,6 +51,15 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, seg_indptr, s
     return y
 
 
+def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg_indptr,
+             slot_ids, layer: int) -> torch.Tensor:
+    """For each (a, b, ranks, col_offset): shrink into v, then expand into y's window."""
+    for a, b, ranks, off in projections:
+        sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer)
+        sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, off)
+    return y
+
+
 def gather_bmm_shrink(x: torch.Tensor, a: torch.Tensor, row_slots: torch.Tensor,
                       layer: int) -> torch.Tensor:
     """The common no-kernel alternative, for benchmarks: gather each row's A, then bmm.

@@ -1,0 +1,460 @@
+// Fused LoRA decode: y[rows, off_p : off_p + out_p] += (x[rows] @ a_p[slot, :r].T) @ b_p[slot, :r]
+// for up to kMaxFusedProj projections p that read the same x (q/k/v, gate/up), in one launch.
+//
+// Why: a decode step's LoRA work is many tiny memory-bound jobs (a rank-16 q projection of one
+// adapter is 256 KB). As a shrink kernel + an expand kernel per projection, the fixed cost of
+// each launch and of the dependency between the two (the expand waits for the whole shrink)
+// was most of the time. Here one thread-block cluster per (segment, projection):
+//   1. each CTA asks L2 for all of its weight bytes at once (its K-slice of a, its column
+//      slice of b), so the HBM pipe fills in the first microsecond;
+//   2. each CTA reduces v over its K-slice into shared memory;
+//   3. after a cluster barrier each CTA sums the cluster's partial v through distributed
+//      shared memory (DSMEM) and rounds it to the element type, as the two-kernel path does;
+//   4. each CTA expands its own column slice of b into y (read-modify-write, fp32 sums).
+// No grid-wide dependency and no v round trip through global memory. sm_90 only (clusters).
+#include <cooperative_groups.h>
+
+#include <unordered_map>
+
+#include "sgmv_common.cuh"
+
+namespace punica {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int RJ = 2;   // rank rows a warp reduces at a time (shrink)
+constexpr int KU = 4;   // 16-byte loads per rank row in flight (shrink)
+constexpr int NU = 8;   // rank rows in flight (expand)
+
+__host__ __device__ constexpr int round8(int v) { return (v + 7) & ~7; }
+
+// Shared memory of one CTA: the larger of the staged path (a and b slices of rank_block rows,
+// x and y slices) and the streaming path (x slice, the rank groups' partial sums); then the
+// partial and full v. MT: rows of a segment per pass (1 for decode batches, else 4).
+__host__ __device__ constexpr size_t fused_smem_bytes(int MT, int kc, int nc, int rank_block,
+                                                      int elem) {
+  return (size_t(rank_block + MT) * (kc + nc) * elem >
+                  size_t(MT) * kc * elem + size_t(MT) * 8 * kThreads * sizeof(float)
+              ? size_t(rank_block + MT) * (kc + nc) * elem
+              : size_t(MT) * kc * elem + size_t(MT) * 8 * kThreads * sizeof(float)) +
+         2 * size_t(MT) * kMaxRank * sizeof(float);
+}
+
+// Shared memory the staged weight slices may take: ~64 KB keeps 3 CTAs on an SM.
+constexpr size_t kStageBudget = 64 * 1024;
+
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void add_to_row(T* dst, const float (&acc)[8]) {
+  float cur[8];
+  unpack8<T>(*reinterpret_cast<const uint4*>(dst), cur);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) cur[e] += acc[e];
+  *reinterpret_cast<uint4*>(dst) = pack8<T>(cur);
+}
+
+// acc[m][e] = sum_{j in [jb, je)} vfull[m][j] * B[j][col + e]   (B: rows of N elements)
+template <typename T, int MT>
+__device__ __forceinline__ void expand_cols(float (&acc)[MT][8], const T* bp, int64_t N,
+                                            const float* vfull, int jb, int je, int mt, bool ok) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[m][e] = 0.f;
+  if (!ok) return;
+  for (int j = jb; j < je; j += NU) {
+    uint4 wr[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u)
+      wr[u] = j + u < je ? __ldg(reinterpret_cast<const uint4*>(bp + (j + u) * N))
+                         : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      if (j + u >= je) continue;
+      float wf[8];
+      unpack8<T>(wr[u], wf);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= mt) continue;
+        const float vv = vfull[m * kMaxRank + j + u];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[m][e] = fmaf(vv, wf[e], acc[m][e]);
+      }
+    }
+  }
+}
+
+// What one CTA works on: its K-slice of a and column slice of b for one (segment, projection).
+template <typename T>
+struct Slice {
+  const T* A;          // &a[slot, layer, 0, k0]; rank row j at + j * K
+  const T* B;          // &b[slot, layer, 0, n0]; rank row j at + j * N
+  T* yrow;             // &y[0, col_offset + n0]
+  int64_t K, N;
+  int k0, nk8, nn8;    // slice start in K; 16-byte chunks of the K-slice and the column slice
+  int Kc, Nc;          // K-slice and column-slice pitch
+  int start, end, r;   // the segment's rows and rank
+};
+
+// Partial v over the K-slice for rows row0..row0+mt: part[m][j] = xs[m] . As[j] (both in shared
+// memory, or As in global memory with a_stride = K); warp w reduces rank rows w*RJ...
+template <typename T, int MT, bool GLOBAL_A>
+__device__ __forceinline__ void shrink_partial(float* part, const T* xs, int Kc, const T* As,
+                                               int64_t a_stride, int nk8, int r, int mt) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int j0 = warp * RJ; j0 < r; j0 += kWarps * RJ) {
+    float acc[MT][RJ];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int jj = 0; jj < RJ; ++jj) acc[m][jj] = 0.f;
+    const T* wrow = As + int64_t(j0) * a_stride;
+    constexpr int U = GLOBAL_A ? KU : 1;   // global loads: several in flight per lane
+    for (int c = lane; c < nk8; c += 32 * U) {
+      uint4 wr[U][RJ];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int jj = 0; jj < RJ; ++jj) {
+          const int cc = c + u * 32;
+          const T* src = wrow + int64_t(jj) * a_stride + cc * 8;
+          wr[u][jj] = cc < nk8 && j0 + jj < r
+                          ? (GLOBAL_A ? __ldg(reinterpret_cast<const uint4*>(src))
+                                      : *reinterpret_cast<const uint4*>(src))
+                          : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int cc = c + u * 32;
+        if (cc >= nk8) continue;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m >= mt) continue;
+          float xf[8];
+          unpack8<T>(*reinterpret_cast<const uint4*>(xs + m * Kc + cc * 8), xf);
+#pragma unroll
+          for (int jj = 0; jj < RJ; ++jj) {
+            float wf[8];
+            unpack8<T>(wr[u][jj], wf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m][jj] = fmaf(xf[e], wf[e], acc[m][jj]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int jj = 0; jj < RJ; ++jj) {
+        float a = acc[m][jj];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+        if (lane == 0 && m < mt && j0 + jj < r) part[m * kMaxRank + j0 + jj] = a;
+      }
+  }
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // clusters exist from sm_90
+// The cluster's partials summed in rank order (deterministic) and rounded to T like v; then a
+// release-arrive that tells the others this CTA has finished reading their partials.
+template <typename T>
+__device__ __forceinline__ void reduce_cluster(cg::cluster_group& cluster, float* part,
+                                               float* vfull, int r, int mt) {
+  cluster_arrive();
+  cluster_wait();
+  const int C = int(cluster.num_blocks());
+  for (int i = threadIdx.x; i < mt * r; i += kThreads) {
+    const int m = i / r, j = i % r;
+    float sum = 0.f;
+    for (int q = 0; q < C; ++q) sum += cluster.map_shared_rank(part, q)[m * kMaxRank + j];
+    vfull[m * kMaxRank + j] = to_float(from_float<T>(sum));
+  }
+  cluster_arrive();
+  __syncthreads();
+}
+
+// Staged path (rank <= rank_block): every weight byte of the CTA is requested at entry with
+// cp.async into shared memory, x and y right after the dependency wait, so the CTA's whole
+// chain is one memory round trip, the shrink, a cluster barrier and the expand.
+template <typename T, int MT>
+__device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::cluster_group& cluster,
+                             unsigned char* smem) {
+  using T2 = typename Pair<T>::type;
+  const int tid = threadIdx.x, RB = p.rank_block, Kc = sl.Kc, Nc = p.n_pitch, r = sl.r;
+  T* As = reinterpret_cast<T*>(smem);   // [RB][Kc]
+  T* Bs = As + RB * Kc;                 // [RB][Nc]
+  T* xs = Bs + RB * Nc;                 // [MT][Kc]
+  T* ys = xs + MT * Kc;                 // [MT][Nc]
+  float* part = reinterpret_cast<float*>(ys + MT * Nc);
+  float* vfull = part + MT * kMaxRank;
+  for (int i = tid; i < r * sl.nk8; i += kThreads) {
+    const int j = i / sl.nk8, c = i % sl.nk8;
+    cp_async16(As + j * Kc + c * 8, sl.A + j * sl.K + c * 8, 16);
+  }
+  for (int i = tid; i < r * sl.nn8; i += kThreads) {
+    const int j = i / sl.nn8, c = i % sl.nn8;
+    cp_async16(Bs + j * Nc + c * 8, sl.B + j * sl.N + c * 8, 16);
+  }
+  cp_async_commit();
+  pdl_wait();  // x and y may be written by the previous kernel
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  bool first = true;
+  for (int row0 = sl.start; row0 < sl.end; row0 += MT) {
+    const int mt = min(MT, sl.end - row0);
+    for (int i = tid; i < mt * sl.nk8; i += kThreads) {
+      const int m = i / sl.nk8, c = i % sl.nk8;
+      cp_async16(xs + m * Kc + c * 8, x + int64_t(row0 + m) * p.x_stride + sl.k0 + c * 8, 16);
+    }
+    for (int i = tid; i < mt * sl.nn8; i += kThreads) {
+      const int m = i / sl.nn8, c = i % sl.nn8;
+      cp_async16(ys + m * Nc + c * 8, sl.yrow + int64_t(row0 + m) * p.y_stride + c * 8, 16);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    if (!first) cluster_wait();  // the cluster has finished reading the previous partials
+    first = false;
+    __syncthreads();
+    shrink_partial<T, MT, false>(part, xs, Kc, As, Kc, sl.nk8, r, mt);
+    reduce_cluster<T>(cluster, part, vfull, r, mt);
+    // expand: each thread owns column pairs of the slice (no rank split, no reduction)
+    const int nn2 = sl.nn8 * 4;
+    for (int c2 = tid; c2 < nn2; c2 += kThreads) {
+      float acc[MT][2];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = 0.f;
+      const T2* bcol = reinterpret_cast<const T2*>(Bs) + c2;
+#pragma unroll 4
+      for (int j = 0; j < r; ++j) {
+        const float2 w = to_float2(bcol[j * (Nc / 2)]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const float vv = vfull[m * kMaxRank + j];
+          acc[m][0] = fmaf(vv, w.x, acc[m][0]);
+          acc[m][1] = fmaf(vv, w.y, acc[m][1]);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= mt) continue;
+        const float2 cur = to_float2(reinterpret_cast<const T2*>(ys + m * Nc)[c2]);
+        T2 out;
+        out.x = from_float<T>(cur.x + acc[m][0]);
+        out.y = from_float<T>(cur.y + acc[m][1]);
+        reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride)[c2] = out;
+      }
+    }
+    __syncthreads();  // xs, ys and vfull are reused by the next rows
+  }
+  cluster_wait();  // no CTA leaves while another may still read its partials
+}
+
+// Streaming path (rank > rank_block): weights through registers from L2 (all of them
+// prefetched into L2 at entry), rank rows of the expand split among thread groups.
+template <typename T, int MT>
+__device__ void fused_streamed(const FusedParams& p, const Slice<T>& sl, cg::cluster_group& cluster,
+                               unsigned char* smem) {
+  const int tid = threadIdx.x, Kc = sl.Kc, r = sl.r;
+  for (int j = tid; j < 2 * r; j += kThreads) {
+    const bool is_a = j < r;
+    const T* src = is_a ? sl.A + int64_t(j) * sl.K : sl.B + int64_t(j - r) * sl.N;
+    const int bytes = (is_a ? sl.nk8 : sl.nn8) * 16;
+    for (int off = 0; off < bytes; off += 4096)
+      prefetch_l2(reinterpret_cast<const char*>(src) + off, uint32_t(min(4096, bytes - off)));
+  }
+  T* xs = reinterpret_cast<T*>(smem);                                        // [MT][Kc]
+  float* part = reinterpret_cast<float*>(smem + size_t(MT) * Kc * sizeof(T));  // [MT][128]
+  float* vfull = part + MT * kMaxRank;                                       // [MT][128]
+  float* red = vfull + MT * kMaxRank;                                        // [MT*8][256]
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+
+  // Expand layout: G groups of gs threads split the rank rows when the column slice is narrow
+  // (each thread owns 8 adjacent columns), so small slices still use every thread.
+  int G = 1;
+  while (G < 8 && sl.nn8 * (G * 2) <= kThreads && G * 2 * 4 <= r) G *= 2;
+  const int gs = kThreads / G, grp = tid / gs, lt = tid % gs;
+  const int per = ceil_div(r, G), jb = min(r, grp * per), je = min(r, jb + per);
+
+  pdl_wait();  // x and y may be written by the previous kernel
+  bool first = true;
+  for (int row0 = sl.start; row0 < sl.end; row0 += MT) {
+    const int mt = min(MT, sl.end - row0);
+    for (int i = tid; i < mt * sl.nk8; i += kThreads) {
+      const int m = i / sl.nk8, c = i % sl.nk8;
+      *reinterpret_cast<uint4*>(xs + m * Kc + c * 8) =
+          *reinterpret_cast<const uint4*>(x + int64_t(row0 + m) * p.x_stride + sl.k0 + c * 8);
+    }
+    if (!first) cluster_wait();
+    first = false;
+    __syncthreads();
+    shrink_partial<T, MT, true>(part, xs, Kc, sl.A, sl.K, sl.nk8, r, mt);
+    reduce_cluster<T>(cluster, part, vfull, r, mt);
+
+    float acc[MT][8];
+    if (G == 1) {
+      for (int c = tid; c < sl.nn8; c += kThreads) {
+        expand_cols<T, MT>(acc, sl.B + c * 8, sl.N, vfull, 0, r, mt, true);
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+          if (m < mt) add_to_row<T>(sl.yrow + int64_t(row0 + m) * p.y_stride + c * 8, acc[m]);
+      }
+    } else {
+      const bool ok = lt < sl.nn8;
+      expand_cols<T, MT>(acc, sl.B + lt * 8, sl.N, vfull, jb, je, mt, ok);
+      if (grp > 0)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) red[(((grp - 1) * MT + m) * 8 + e) * gs + lt] = acc[m][e];
+      __syncthreads();
+      if (grp == 0 && ok) {
+        for (int q = 1; q < G; ++q)
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m][e] += red[(((q - 1) * MT + m) * 8 + e) * gs + lt];
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+          if (m < mt) add_to_row<T>(sl.yrow + int64_t(row0 + m) * p.y_stride + lt * 8, acc[m]);
+      }
+    }
+    __syncthreads();  // xs, vfull and red are reused by the next rows
+  }
+  cluster_wait();
+}
+
+#endif
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(FusedParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  pdl_launch_dependents();
+  cg::cluster_group cluster = cg::this_cluster();
+  const int C = int(cluster.num_blocks()), crank = int(cluster.block_rank());
+  const int item = blockIdx.x / C;
+  const int pi = item % p.num_proj, s = item / p.num_proj;
+  const FusedProj pr = p.proj[pi];
+  SegmentArgs sa = p.seg;
+  sa.ranks = pr.ranks;
+  sa.num_slots = pr.num_slots;
+  sa.max_rank = pr.max_rank;
+  const Segment g = load_segment(sa, s);
+  if (!g.active()) {  // the whole cluster shares the segment, so it leaves together
+    pdl_wait();
+    return;
+  }
+  Slice<T> sl;
+  sl.K = p.in_features;
+  sl.N = pr.out_features;
+  sl.Kc = round8(ceil_div(p.in_features, C));
+  sl.Nc = round8(ceil_div(pr.out_features, C));
+  sl.k0 = min(p.in_features, crank * sl.Kc);
+  sl.nk8 = (min(p.in_features, sl.k0 + sl.Kc) - sl.k0) / 8;
+  const int n0 = min(pr.out_features, crank * sl.Nc);
+  sl.nn8 = (min(pr.out_features, n0 + sl.Nc) - n0) / 8;
+  sl.A = static_cast<const T*>(pr.a) + g.slot * pr.a_slot_stride + sl.k0;
+  sl.B = static_cast<const T*>(pr.b) + g.slot * pr.b_slot_stride + n0;
+  sl.yrow = static_cast<T*>(p.y) + pr.col_offset + n0;
+  sl.start = g.start;
+  sl.end = g.end;
+  sl.r = g.rank;
+  // every CTA of a cluster has the same rank, so the whole cluster takes the same path
+  if (g.rank <= p.rank_block)
+    fused_staged<T, MT>(p, sl, cluster, smem_raw);
+  else
+    fused_streamed<T, MT>(p, sl, cluster, smem_raw);
+#endif
+}
+
+template <typename T, int MT>
+cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
+  auto kernel = lora_fused_kernel<T, MT>;
+  const int C = p.cluster;
+  const int kc = round8(ceil_div(p.in_features, C));
+  FusedParams q = p;
+  int most_rank = 1;
+  for (int i = 0; i < p.num_proj; ++i) most_rank = max(most_rank, p.proj[i].max_rank);
+  for (int i = 0; i < p.num_proj; ++i)
+    q.n_pitch = max(i ? q.n_pitch : 0, round8(ceil_div(p.proj[i].out_features, C)));
+  const size_t row_bytes = size_t(kc + q.n_pitch) * sizeof(T);
+  const size_t fit = kStageBudget / row_bytes;
+  q.rank_block = int(fit < 1 ? 1 : (fit < size_t(most_rank) ? fit : size_t(most_rank)));
+  const size_t smem = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, int(sizeof(T)));
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  if (C > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  if (C > 8) {  // a 16-CTA cluster must fit in one GPC next to this smem: else fall back to 8
+    static std::unordered_map<size_t, int> fits;  // smem bytes -> clusters of 16 that fit
+    auto it = fits.find(smem);
+    if (it == fits.end()) {
+      cfg.gridDim = dim3(C);
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+        cudaGetLastError();
+        clusters = 0;
+      }
+      it = fits.emplace(smem, clusters).first;
+    }
+    if (it->second < 1) {
+      FusedParams q8 = p;
+      q8.cluster = 8;
+      return launch_fused<T, MT>(q8, o);
+    }
+  }
+  cfg.gridDim = dim3(p.seg.num_seg * p.num_proj * C);
+  cfg.stream = o.stream;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.numAttrs = o.pdl ? 2 : 1;
+  return cudaLaunchKernelEx(&cfg, kernel, q);
+}
+
+}  // namespace
+
+// CTAs per (segment, projection). More CTAs per job spread its bytes over more SMs, but every
+// CTA of the launch should be resident at once (each issues all of its loads at entry; a second
+// wave would start its loads only when the first has finished): about 3 CTAs fit on an SM.
+// 8 (the portable cluster size) for a 32-row decode batch of one projection, 4 for q/k/v.
+int lora_fused_cluster(int items, int num_sms) {
+  if (items * 16 <= num_sms) return 16;
+  for (int c = 8; c > 1; c /= 2)
+    if (items * c <= 3 * num_sms) return c;
+  return 1;
+}
+
+cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o) {
+  if (!o.vec || p.num_proj < 1 || p.num_proj > kMaxFusedProj || p.cluster < 1 || p.cluster > 16)
+    return cudaErrorInvalidValue;
+  const bool one_row = p.seg.num_rows <= p.seg.num_seg;  // a decode batch: 1-row segments
+  if (dt == DType::kHalf)
+    return one_row ? launch_fused<__half, 1>(p, o) : launch_fused<__half, 4>(p, o);
+  return one_row ? launch_fused<__nv_bfloat16, 1>(p, o) : launch_fused<__nv_bfloat16, 4>(p, o);
+}
+
+}  // namespace punica
