@@ -18,6 +18,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapters", default="adapters", metavar="DIR",
                    help="register every PEFT adapter folder inside DIR at start-up "
                         "(default: adapters/, the sample adapters)")
+    p.add_argument("--lazy-adapters", action="store_true",
+                   help="register the --adapters folders from their config and safetensors "
+                        "header only and read the weights when a request first needs them "
+                        "(fast start-up with thousands of adapters; a bad weight value then "
+                        "fails that request instead of being refused at start-up)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                    help="a folder the API may load adapters from by path (repeatable); "
                         "nothing outside these folders is read")
@@ -50,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def server_config(args: argparse.Namespace):
     from .state import ServerConfig
     return ServerConfig(model=args.model, adapters_dir=args.adapters,
+                        lazy_adapters=args.lazy_adapters,
                         adapter_dirs=tuple(args.adapter_dir), upload_dir=args.upload_dir,
                         device=args.device, host=args.host, port=args.port,
                         max_batch=args.max_batch, max_adapters_on_gpu=args.max_adapters_on_gpu,

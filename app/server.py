@@ -45,9 +45,10 @@ def build_state(cfg: ServerConfig, engine: Engine | None = None, progress=print)
                  "Adapters tab or pass --adapters DIR")
     for path in found:
         try:
-            info = engine.register_adapter(path.name, path)
+            info = engine.register_adapter(path.name, path, lazy=cfg.lazy_adapters)
             progress(f"[punica] adapter {info.name}: rank {info.rank}, "
-                     f"targets {','.join(info.targets)}")
+                     f"targets {','.join(info.targets)}"
+                     + (" (weights read on first use)" if cfg.lazy_adapters else ""))
         except AdapterError as e:
             progress(f"[punica] skipped adapter {path.name}: {e}")
     upload_dir = Path(cfg.upload_dir or tempfile.mkdtemp(prefix="punica-uploads-"))

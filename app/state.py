@@ -11,6 +11,7 @@ from punica_core import AsyncEngine, Engine
 class ServerConfig:
     model: str = "default"
     adapters_dir: str | None = "adapters"       # sample adapters registered at start-up
+    lazy_adapters: bool = False                 # register them from config + header only
     adapter_dirs: tuple[str, ...] = ()          # folders /v1/load_lora_adapter may read from
     upload_dir: str | None = None               # where uploaded adapters are stored
     device: str | None = None

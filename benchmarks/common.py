@@ -184,15 +184,6 @@ def register_all(engine, paths: dict[str, Path], threads: int = 8) -> float:
     return time.perf_counter() - t0
 
 
-def register_alias(store, alias: str, name: str) -> None:
-    """Registers `alias` for the same source as the registered `name`, without parsing it now
-    (PRIVATE: writes AdapterStore._sources/_info; the store parses it from its file on first
-    use, like any adapter the host cache dropped)."""
-    with store._lock:
-        store._sources[alias] = store._sources[name]
-        store._info[alias] = dataclasses.replace(store._info[name], name=alias)
-
-
 def renamed(adapter, name: str):
     """The same parsed adapter (weights shared, not copied) under another name."""
     return dataclasses.replace(adapter, name=name)

@@ -63,6 +63,11 @@ def validate_name(name: str) -> str:
 # ---- reading the two files from a folder, a zip, or memory ---------------------------------
 
 def _read_folder(folder: Path, max_bytes: int) -> tuple[bytes, bytes]:
+    _check_folder(folder, max_bytes)
+    return (folder / CONFIG_NAME).read_bytes(), (folder / WEIGHTS_NAME).read_bytes()
+
+
+def _check_folder(folder: Path, max_bytes: int) -> None:
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not cfg_path.is_file():
         raise AdapterError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
@@ -80,7 +85,20 @@ def _read_folder(folder: Path, max_bytes: int) -> tuple[bytes, bytes]:
     if w_path.stat().st_size > max_bytes:
         raise AdapterError(f"{w_path}: {w_path.stat().st_size} bytes, over the "
                            f"{max_bytes}-byte limit")
-    return cfg_path.read_bytes(), w_path.read_bytes()
+
+
+def _read_folder_header(folder: Path, max_bytes: int) -> tuple[bytes, bytes, int]:
+    """(config, the weights file's first bytes up to the end of its header, its size)."""
+    _check_folder(folder, max_bytes)
+    w_path = folder / WEIGHTS_NAME
+    size = w_path.stat().st_size
+    with open(w_path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            n = struct.unpack("<Q", head)[0]
+            if n <= min(size - 8, 16 << 20):
+                head += f.read(n)
+    return (folder / CONFIG_NAME).read_bytes(), head, size
 
 
 def _read_zip(data: bytes | Path, label: str, max_bytes: int) -> tuple[bytes, bytes]:
@@ -221,13 +239,16 @@ def _check_config(cfg: dict, label: str) -> None:
             raise AdapterError(f"{where}: {key} must be a positive number, got {v!r}")
 
 
-def _check_header(blob: bytes, label: str, max_tensor_elems: int) -> dict:
-    """Reads the safetensors header ourselves first, so lying or huge headers fail cleanly."""
+def _check_header(blob: bytes, label: str, max_tensor_elems: int,
+                  file_len: int | None = None) -> dict:
+    """Reads the safetensors header ourselves first, so lying or huge headers fail cleanly.
+    blob: the file, or only its first bytes (at least the header) with file_len its size."""
     where = f"{label}/{WEIGHTS_NAME}"
-    if len(blob) < 8:
+    total = len(blob) if file_len is None else file_len
+    if total < 8 or len(blob) < 8:
         raise AdapterError(f"{where}: truncated (no safetensors header)")
     (n,) = struct.unpack("<Q", blob[:8])
-    if n > min(len(blob) - 8, 16 << 20):
+    if n > min(total - 8, 16 << 20) or 8 + n > len(blob):
         raise AdapterError(f"{where}: header length {n} exceeds the file")
     try:
         header = json.loads(blob[8:8 + n])
@@ -235,7 +256,7 @@ def _check_header(blob: bytes, label: str, max_tensor_elems: int) -> dict:
         raise AdapterError(f"{where}: corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{where}: corrupt safetensors header")
-    data_len = len(blob) - 8 - n
+    data_len = total - 8 - n
     for key, meta in header.items():
         if key == "__metadata__":
             continue
@@ -319,14 +340,35 @@ def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
         raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
 
 
-def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> LoraAdapter:
+@dataclass
+class AdapterPlan:
+    """What an adapter's config and safetensors header say, checked against the base model:
+    everything but the weight values. per_proj[proj] = [(layer, key of A, key of B, rank,
+    scale)], sorted by layer."""
+    name: str
+    label: str
+    cfg: dict
+    header: dict
+    per_proj: dict[str, list[tuple[int, str, str, int, float]]]
+    file_bytes: int
+
+    @property
+    def rank(self) -> int:
+        return max(r for items in self.per_proj.values() for _, _, _, r, _ in items)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(p for p in PROJECTIONS if p in self.per_proj)
+
+
+def _plan(name: str, raw_cfg: bytes, head: bytes, label: str, model_cfg: ModelConfig,
+          max_rank: int, file_len: int | None = None) -> AdapterPlan:
     validate_name(name)
-    raw_cfg, blob, label = read_adapter_files(source, max_bytes)
     cfg = _parse_config(raw_cfg, label)
     _check_config(cfg, label)
     where = f"{label}/{WEIGHTS_NAME}"
     biggest = max(i * o for i, o in model_cfg.proj_shapes.values())
-    header = _check_header(blob, label, max_tensor_elems=biggest)
+    header = _check_header(head, label, max_tensor_elems=biggest, file_len=file_len)
     keys = [k for k in header if k != "__metadata__"]
     if not keys:
         raise AdapterError(f"{where}: no tensors")
@@ -338,32 +380,29 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
         if not KEY_RE.match(k):
             raise AdapterError(f"{where}: unexpected tensor {k!r} (only lora_A / lora_B of "
                                f"{', '.join(PROJECTIONS)} can be served)")
-    tensors = _tensor_views(blob, header)
-
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for k, t in tensors.items():
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for k in keys:
         layer, proj, ab = KEY_RE.match(k).groups()
         layer = int(layer)
         if layer >= model_cfg.num_layers:
             raise AdapterError(f"{where}: {k!r}: layer {layer} but the base model has "
                                f"{model_cfg.num_layers} layers (adapter made for another model?)")
-        pairs.setdefault((layer, proj), {})[ab] = t
+        pairs.setdefault((layer, proj), {})[ab] = k
     alpha = float(cfg.get("lora_alpha", 8))
     default_r = int(cfg.get("r", 8))
     rslora = bool(cfg.get("use_rslora", False))
-    # metadata checks per pair here; the bytes are moved and checked per projection below
-    per_proj: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+    per_proj: dict[str, list[tuple[int, str, str, int, float]]] = {}
     for (layer, proj), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: layer {layer} {proj} has lora_{list(ab)[0]} without "
                                "its partner")
-        a, b = ab["A"], ab["B"]
+        a, b = header[ab["A"]]["shape"], header[ab["B"]]["shape"]
         fan_in, fan_out = model_cfg.proj_shapes[proj]
-        r = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+        r = a[0] if len(a) == 2 else -1
+        if len(a) != 2 or len(b) != 2 or a[1] != fan_in or b != [fan_out, r]:
             raise AdapterError(
-                f"{where}: layer {layer} {proj}: lora_A {list(a.shape)} / lora_B "
-                f"{list(b.shape)} do not fit the base model, which needs [r, {fan_in}] / "
+                f"{where}: layer {layer} {proj}: lora_A {list(a)} / lora_B "
+                f"{list(b)} do not fit the base model, which needs [r, {fan_in}] / "
                 f"[{fan_out}, r] (adapter made for another base model?)")
         if r < 1 or r > max_rank:
             raise AdapterError(f"{where}: layer {layer} {proj}: rank {r} is over the server's "
@@ -376,7 +415,39 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
             raise AdapterError(f"{where}: layer {layer} {proj}: weights have rank {r} but the "
                                f"config says r={mod_r}")
         scale = mod_alpha / (math.sqrt(r) if rslora else r)
-        per_proj.setdefault(proj, []).append((layer, a, b, scale))
+        per_proj.setdefault(proj, []).append((layer, ab["A"], ab["B"], r, scale))
+    return AdapterPlan(name, label, cfg, header, per_proj,
+                       len(head) if file_len is None else file_len)
+
+
+def inspect_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
+                    max_bytes: int = 512 << 20) -> AdapterPlan:
+    """Checks an adapter folder without reading its weights: the config, the safetensors
+    header (names, shapes, dtypes, offsets against the file size) and the fit to the base
+    model. The weight values (NaN / inf) are checked when it is parsed."""
+    try:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise AdapterError(f"{folder}: lazy registration needs an adapter folder")
+        raw_cfg, head, size = _read_folder_header(folder, max_bytes)
+        return _plan(name, raw_cfg, head, str(folder), model_cfg, max_rank, file_len=size)
+    except AdapterError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError) as e:
+        raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
+
+
+def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> LoraAdapter:
+    raw_cfg, blob, label = read_adapter_files(source, max_bytes)
+    plan = _plan(name, raw_cfg, blob, label, model_cfg, max_rank)
+    where = f"{label}/{WEIGHTS_NAME}"
+    tensors = _tensor_views(blob, plan.header)
+    per_proj = {proj: [(layer, tensors[ka], tensors[kb], scale)
+                       for layer, ka, kb, _, scale in items]
+                for proj, items in plan.per_proj.items()}
+    cfg = plan.cfg
+    alpha = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
 
     weights = {}
     for proj, items in per_proj.items():

@@ -2,11 +2,14 @@
 
 Adapters are validated when registered (so a bad one is refused at once). If the host cache
 later drops one, it is re-read from its source on a background thread: the engine loop never
-waits on disk.
+waits on disk. A lazy registration (for registries of thousands of adapter folders) checks the
+config and the safetensors header only; the weights are read, and their values checked, when a
+request first needs them.
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ import torch
 
 from ..errors import AdapterError, UnknownAdapterError
 from ..model.config import ModelConfig
-from .peft import LoraAdapter, parse_adapter, validate_name
+from .peft import LoraAdapter, inspect_adapter, parse_adapter, validate_name
 
 
 @dataclass(frozen=True)
@@ -45,27 +48,40 @@ class AdapterStore:
         self._loading: dict[str, object] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.parses = 0                 # adapters read and parsed from their sources so far
+        self.parse_seconds = 0.0
         # parsing is torch copies that release the GIL: a few workers read adapters in parallel
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-loader")
 
     # -- registry --------------------------------------------------------------------------
-    def register(self, name: str, source) -> AdapterInfo:
-        """Validates now and caches; raises AdapterError on anything that cannot be served."""
+    def register(self, name: str, source, lazy: bool = False) -> AdapterInfo:
+        """Validates now and caches; raises AdapterError on anything that cannot be served.
+        lazy (adapter folders only): checks the config and the safetensors header now, and
+        reads the weights on first use (a bad weight value then fails that request)."""
         validate_name(name)
         with self._lock:
             if name in self._sources:
                 raise AdapterError(f"an adapter named {name!r} is already registered; unload it "
                                    "first")
-        adapter = self._parse(name, source)
-        info = AdapterInfo(name, adapter.rank, adapter.targets, adapter.nbytes, adapter.source,
-                           adapter.use_rslora, adapter.base_model)
+        adapter = None
+        if lazy:
+            plan = inspect_adapter(name, source, self.model_cfg, self.max_rank,
+                                   self.max_adapter_bytes)
+            info = AdapterInfo(name, plan.rank, plan.targets, plan.file_bytes, plan.label,
+                               bool(plan.cfg.get("use_rslora", False)),
+                               plan.cfg.get("base_model_name_or_path"))
+        else:
+            adapter = self._parse(name, source)
+            info = AdapterInfo(name, adapter.rank, adapter.targets, adapter.nbytes,
+                               adapter.source, adapter.use_rslora, adapter.base_model)
         with self._lock:
             if name in self._sources:
                 raise AdapterError(f"an adapter named {name!r} is already registered")
             # in-memory uploads cannot be re-read, so they stay cached for good
             self._sources[name] = source if not isinstance(source, dict) else None
             self._info[name] = info
-            self._put(name, adapter)
+            if adapter is not None:
+                self._put(name, adapter)
         return info
 
     def unregister(self, name: str) -> None:
@@ -134,8 +150,14 @@ class AdapterStore:
         if source is None:
             raise AdapterError(f"adapter {name!r} was uploaded and is no longer cached")
         pin = self.pin_memory and torch.cuda.is_available()
-        return parse_adapter(name, source, self.model_cfg, self.max_rank,
-                             self.max_adapter_bytes, dtype=self.dtype, pin_memory=pin)
+        t0 = time.perf_counter()
+        try:
+            return parse_adapter(name, source, self.model_cfg, self.max_rank,
+                                 self.max_adapter_bytes, dtype=self.dtype, pin_memory=pin)
+        finally:
+            with self._lock:
+                self.parses += 1
+                self.parse_seconds += time.perf_counter() - t0
 
     def _put(self, name: str, adapter: LoraAdapter) -> None:
         self._cache[name] = adapter

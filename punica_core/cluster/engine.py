@@ -48,8 +48,8 @@ class ClusterEngine:
     encode_chat = Engine.encode_chat
 
     # -- adapters ----------------------------------------------------------------------------
-    def register_adapter(self, name: str, source) -> AdapterInfo:
-        info = self.store.register(name, source)        # validates; raises AdapterError
+    def register_adapter(self, name: str, source, lazy: bool = False) -> AdapterInfo:
+        info = self.store.register(name, source, lazy=lazy)   # validates; raises AdapterError
         self.router.add_adapter(name, source)
         return info
 

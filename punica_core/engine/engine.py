@@ -84,11 +84,12 @@ class Engine:
         return max(int(budget // per_block), 2)
 
     # -- adapters ----------------------------------------------------------------------------
-    def register_adapter(self, name: str, source) -> AdapterInfo:
+    def register_adapter(self, name: str, source, lazy: bool = False) -> AdapterInfo:
+        """lazy: check config and header now, read the weights on first use (see store)."""
         if not self.config.enable_lora:
             raise AdapterError(f"cannot register adapter {name!r}: this engine was started "
                                "with LoRA switched off (enable_lora=False)")
-        return self.store.register(name, source)
+        return self.store.register(name, source, lazy=lazy)
 
     def unregister_adapter(self, name: str) -> None:
         """Refused while a running or waiting request uses the adapter."""

@@ -86,7 +86,7 @@ def test_engine_gpu_on_cpu(tmp_path):
     assert warm["host_parses"] == 0 and warm["evictions"] > 0   # slot churn only, no disk
     assert close(ratios["many_warm_host_vs_resident"],
                  warm["tokens_per_s"] / m["resident"]["tokens_per_s"])
-    assert d["private_apis_used"]
+    assert "private_apis_used" not in d      # lazy registration and store counters are public
 
 
 def test_adapter_loading_on_cpu(tmp_path):
