@@ -46,6 +46,7 @@ class AdapterStore:
         self._info: dict[str, AdapterInfo] = {}
         self._cache: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._loading: dict[str, object] = {}
+        self._fresh: set[str] = set()   # read ahead, not yet taken: evicted last
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
         self.parses = 0                 # adapters read and parsed from their sources so far
@@ -90,6 +91,7 @@ class AdapterStore:
                 raise UnknownAdapterError(f"unknown adapter {name!r}")
             del self._sources[name], self._info[name]
             self._cache.pop(name, None)
+            self._fresh.discard(name)
             self._errors.pop(name, None)
 
     def __contains__(self, name: str) -> bool:
@@ -115,6 +117,11 @@ class AdapterStore:
                 self._cache.move_to_end(name)
             return adapter
 
+    def taken(self, name: str) -> None:
+        """The adapter read ahead has reached a slot: the host cache may drop it first."""
+        with self._lock:
+            self._fresh.discard(name)
+
     def is_cached(self, name: str) -> bool:
         return name in self._cache
 
@@ -128,6 +135,8 @@ class AdapterStore:
                 raise UnknownAdapterError(f"unknown adapter {name!r}")
             if name in self._cache or name in self._loading:
                 return
+            if len(self._loading) >= self.host_cache_size:
+                return      # the cache could not hold more: reading them would evict others
             source = self._sources[name]
             self._errors.pop(name, None)
             self._loading[name] = self._pool.submit(self._load_in_background, name, source)
@@ -138,6 +147,7 @@ class AdapterStore:
             with self._lock:
                 if name in self._sources:
                     self._put(name, adapter)
+                    self._fresh.add(name)
         except AdapterError as e:
             self._errors[name] = str(e)
         except Exception as e:  # noqa: BLE001 - surfaced to the waiting request
@@ -163,11 +173,13 @@ class AdapterStore:
         self._cache[name] = adapter
         self._cache.move_to_end(name)
         while len(self._cache) > self.host_cache_size:
-            victim = next(n for n in self._cache if self._sources.get(n) is not None
-                          or n == name)
+            # oldest first, re-readable ones only, adapters read ahead and not yet taken last
+            order = sorted(self._cache, key=lambda n: n in self._fresh)
+            victim = next(n for n in order if self._sources.get(n) is not None or n == name)
             if victim == name:
                 break
             self._cache.pop(victim)
+            self._fresh.discard(victim)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

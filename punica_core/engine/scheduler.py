@@ -124,7 +124,10 @@ class Scheduler:
         if adapter is None:
             self.store.prefetch(name)
             return None
-        return self.pool.load(adapter, keep)
+        slot = self.pool.load(adapter, keep)
+        if slot is not None:
+            self.store.taken(name)
+        return slot
 
     def _load_ahead(self) -> None:
         """Starts loading the adapters of the next waiting requests (disk -> host cache ->

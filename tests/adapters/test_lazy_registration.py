@@ -89,9 +89,11 @@ def test_bad_weight_values_fail_only_the_request_that_reads_them(make_engine, pa
 
 
 def test_a_thousand_names_over_a_few_folders(make_engine, parity_adapters):
-    """A large registry: registering reads no weights; only requested adapters are parsed."""
+    """A large registry: registering reads no weights; only requested adapters are parsed, each
+    once, although five adapters wait for two slots and a host cache of two (adapters read
+    ahead stay cached until they reach a slot, and no more are read than the cache holds)."""
     folders = list(parity_adapters.values())
-    e = make_engine(max_adapters_on_gpu=2, host_cache_adapters=8)
+    e = make_engine(max_adapters_on_gpu=2, host_cache_adapters=2)
     parses = e.store.parses
     for i in range(1000):
         e.register_adapter(f"user-{i}", folders[i % len(folders)], lazy=True)
