@@ -33,3 +33,18 @@ def assert_logits_agree(ref, test, rel_tol, tie_tol):
                 top2 = a.topk(2).values
                 assert (top2[0] - top2[1]).item() < tie_tol, "tokens parted without a tie"
                 break
+
+
+def capture_cuda_graph(step):
+    """Runs step once on a side stream (to warm up allocations), then captures it in a CUDA
+    graph and returns the graph (torch's recipe for capturing)."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

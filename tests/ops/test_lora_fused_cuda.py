@@ -200,14 +200,8 @@ def test_cuda_graph_replay_with_new_slots(kernels):
     def step():
         torch.ops.punica.add_lora(y, x, v, *args, p["indptr_t"], slot_t, 1)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    from helpers import capture_cuda_graph
+    graph = capture_cuda_graph(step)
     new_slots = [3, 2, 1, 0, -1] + [1] * 11
     x.copy_(torch.randn(x.shape, device="cuda").to(dtype))
     slot_t.copy_(torch.tensor(new_slots, dtype=torch.int32))

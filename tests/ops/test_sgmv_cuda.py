@@ -239,14 +239,8 @@ def test_cuda_graph_replay_with_new_inputs(kernels, lens):
         torch.ops.punica.sgmv_shrink(v, x, a, indptr, slot_t, rank_t, 1)
         torch.ops.punica.sgmv_expand(y, v, b, indptr, slot_t, rank_t, 1, 0)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    from helpers import capture_cuda_graph
+    graph = capture_cuda_graph(step)
 
     new_slots = list(reversed(slots)) if len(slots) > 1 else slots
     new_slots[0] = -1
