@@ -9,9 +9,11 @@ Loading order (in `available()`, never at import time):
 Without CUDA nothing is imported or compiled and `available()` is False.
 
 Kernel notes (see docs/KERNELS.md): fp16/bf16 with fp32 accumulation; ranks 1..128 mixed in one
-launch; decode batches run memory-bound CUDA-core kernels, prefill chunks tensor-core kernels.
-On sm_90 the decode kernels use programmatic dependent launch: they may read seg_indptr,
-slot_ids, ranks and the weights before the kernel launched just before them on the stream has
+launch; decode batches run memory-bound CUDA-core kernels, prefill chunks tensor-core kernels;
+add_lora runs shrink + expand of up to 4 projections as one fused launch for decode batches on
+sm_90 (thread-block clusters), else as a pair per projection.
+On sm_90 the decode kernels (add_lora's fused one too) use programmatic dependent launch: they
+may read seg_indptr, slot_ids, ranks and the weights before the kernel launched just before them on the stream has
 finished (never x, v or y). Those tensors must therefore not be written by the kernel launched
 immediately before the op; copies (H2D, cudaMemcpy) and anything earlier are fine.
 Pass pdl=False to torch.ops.punica.* to switch it off.
