@@ -382,17 +382,29 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
 template <typename T, int MT>
 cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
   auto kernel = lora_fused_kernel<T, MT>;
-  const int C = p.cluster;
-  const int kc = round8(ceil_div(p.in_features, C));
-  FusedParams q = p;
   int most_rank = 1;
   for (int i = 0; i < p.num_proj; ++i) most_rank = max(most_rank, p.proj[i].max_rank);
-  for (int i = 0; i < p.num_proj; ++i)
-    q.n_pitch = max(i ? q.n_pitch : 0, round8(ceil_div(p.proj[i].out_features, C)));
-  const size_t row_bytes = size_t(kc + q.n_pitch) * sizeof(T);
-  const size_t fit = kStageBudget / row_bytes;
-  q.rank_block = int(fit < 1 ? 1 : (fit < size_t(most_rank) ? fit : size_t(most_rank)));
-  const size_t smem = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, int(sizeof(T)));
+  int dev = 0, smem_max = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    smem_max = 48 * 1024;
+  // One CTA's slices must fit its shared memory: very wide layers in few-CTA clusters get a
+  // bigger cluster (thinner slices).
+  FusedParams q = p;
+  size_t smem = 0;
+  for (int C = p.cluster;; C *= 2) {
+    q.cluster = C;
+    const int kc = round8(ceil_div(p.in_features, C));
+    q.n_pitch = 0;
+    for (int i = 0; i < p.num_proj; ++i)
+      q.n_pitch = max(q.n_pitch, round8(ceil_div(p.proj[i].out_features, C)));
+    const size_t fit = kStageBudget / (size_t(kc + q.n_pitch) * sizeof(T));
+    q.rank_block = int(fit < 1 ? 1 : (fit < size_t(most_rank) ? fit : size_t(most_rank)));
+    smem = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, int(sizeof(T)));
+    if (smem <= size_t(smem_max)) break;
+    if (C >= 16) return cudaErrorInvalidValue;
+  }
+  const int C = q.cluster;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   if (C > 8) {
@@ -422,6 +434,7 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
       it = fits.emplace(smem, clusters).first;
     }
     if (it->second < 1) {
+      if (p.cluster < 16) return cudaErrorInvalidValue;  // 16 was needed for shared memory
       FusedParams q8 = p;
       q8.cluster = 8;
       return launch_fused<T, MT>(q8, o);

@@ -146,6 +146,15 @@ def test_every_cluster_size(kernels, cluster):
 
 
 @needs_hopper
+def test_wide_layers_with_many_jobs(kernels):
+    """250 jobs on Llama-2-70B's down projection (28672 -> 8192) with 2 rows each: the auto
+    cluster size would be 1, whose slices do not fit shared memory; the launch widens it."""
+    ranks = [16, 64, 128, 8]
+    p = make(torch.bfloat16, 28672, [8192], [ranks], [i % 4 for i in range(250)], [2] * 250)
+    check(p, 0, AUTO)
+
+
+@needs_hopper
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lens", [[2, 3, 4, 1], [8, 8, 8, 8], [37, 1, 0, 5]])
 def test_segments_of_several_rows(kernels, dtype, lens):
