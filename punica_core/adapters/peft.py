@@ -351,6 +351,9 @@ class AdapterPlan:
     header: dict
     per_proj: dict[str, list[tuple[int, str, str, int, float]]]
     file_bytes: int
+    alpha: float
+    use_rslora: bool
+    base_model: str | None
 
     @property
     def rank(self) -> int:
@@ -417,7 +420,8 @@ def _plan(name: str, raw_cfg: bytes, head: bytes, label: str, model_cfg: ModelCo
         scale = mod_alpha / (math.sqrt(r) if rslora else r)
         per_proj.setdefault(proj, []).append((layer, ab["A"], ab["B"], r, scale))
     return AdapterPlan(name, label, cfg, header, per_proj,
-                       len(head) if file_len is None else file_len)
+                       len(head) if file_len is None else file_len, alpha, rslora,
+                       cfg.get("base_model_name_or_path"))
 
 
 def inspect_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
@@ -445,9 +449,6 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
     per_proj = {proj: [(layer, tensors[ka], tensors[kb], scale)
                        for layer, ka, kb, _, scale in items]
                 for proj, items in plan.per_proj.items()}
-    cfg = plan.cfg
-    alpha = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
 
     weights = {}
     for proj, items in per_proj.items():
@@ -471,5 +472,5 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin) -> 
         weights[proj] = (A, B)
     targets = tuple(p for p in PROJECTIONS if p in weights)
     return LoraAdapter(name=name, source=label, rank=max(A.shape[1] for A, _ in weights.values()),
-                       alpha=alpha, use_rslora=rslora, targets=targets, weights=weights,
-                       nbytes=len(blob), base_model=cfg.get("base_model_name_or_path"))
+                       alpha=plan.alpha, use_rslora=plan.use_rslora, targets=targets,
+                       weights=weights, nbytes=len(blob), base_model=plan.base_model)

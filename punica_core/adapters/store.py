@@ -69,8 +69,7 @@ class AdapterStore:
             plan = inspect_adapter(name, source, self.model_cfg, self.max_rank,
                                    self.max_adapter_bytes)
             info = AdapterInfo(name, plan.rank, plan.targets, plan.file_bytes, plan.label,
-                               bool(plan.cfg.get("use_rslora", False)),
-                               plan.cfg.get("base_model_name_or_path"))
+                               plan.use_rslora, plan.base_model)
         else:
             adapter = self._parse(name, source)
             info = AdapterInfo(name, adapter.rank, adapter.targets, adapter.nbytes,
