@@ -70,15 +70,10 @@ class LoraContext:
                 add_lora_small_batch(out, x, w.a, w.b, self.small, layer, self.rank[p],
                                      self.pool.col_offsets[p])
             return
-        if self._lists:     # torch reference: host lists, a shrink + expand per projection
-            for p in active:
-                w = self.pool.weights[p]
-                ops.sgmv_shrink(self.v, x, w.a, self._indptr, self._slots, w.ranks_list, layer)
-                ops.sgmv_expand(out, self.v, w.b, self._indptr, self._slots, w.ranks_list, layer,
-                                self.pool.col_offsets[p])
-            return
-        # CUDA kernels: every projection of the site (q/k/v, gate/up) in one op call
-        ops.add_lora(out, x, self.v,
-                     [(self.pool.weights[p].a, self.pool.weights[p].b, self.pool.weights[p].ranks,
-                       self.pool.col_offsets[p]) for p in active],
-                     self._indptr, self._slots, layer)
+        # one op call per site: with the CUDA kernels a single fused launch for q/k/v or
+        # gate/up; the torch reference (host rank lists: no host sync per call) loops inside
+        weights = self.pool.weights
+        projections = [(weights[p].a, weights[p].b,
+                        weights[p].ranks_list if self._lists else weights[p].ranks,
+                        self.pool.col_offsets[p]) for p in active]
+        ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer)
