@@ -48,3 +48,13 @@ def capture_cuda_graph(step):
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+def outputs_with_logits(reqs, captured):
+    """Per request, in the order given: (output ids, its fp32 logits of every step), from the
+    (request ids, logits) pairs that engine.runner.capture collected."""
+    logits = {r.id: [] for r in reqs}
+    for ids, step_logits in captured:
+        for i, rid in enumerate(ids):
+            logits[rid].append(step_logits[i].float())
+    return [(r.output_ids, logits[r.id]) for r in reqs]

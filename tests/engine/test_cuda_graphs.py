@@ -5,7 +5,7 @@ with batches that shrink through several buckets (padding rows) and mix adapters
 import pytest
 import torch
 
-from helpers import assert_logits_agree, run_to_completion
+from helpers import assert_logits_agree, outputs_with_logits, run_to_completion
 from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.adapters.random_adapter import ALL_PROJECTIONS, write_random_adapter
 from punica_core.model.config import NAMED_SHAPES
@@ -41,12 +41,8 @@ def run(adapters, graphs: bool, dtype=torch.bfloat16, n_requests=11):
         reqs.append(e.add_request([5 + i, 17, 99, 1000 + 7 * i][: 2 + i % 3], params,
                                   names[i % len(names)]))
     run_to_completion(e)
-    logits = {r.id: [] for r in reqs}
-    for ids, step_logits in captured:
-        for i, rid in enumerate(ids):
-            logits[rid].append(step_logits[i].float())
     assert all(r.finish_reason == "length" for r in reqs), [r.error for r in reqs]
-    return e, [(r.output_ids, logits[r.id]) for r in reqs]
+    return e, outputs_with_logits(reqs, captured)
 
 
 def test_graph_replay_matches_eager_with_adapters(adapters):

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_logits_agree, run_to_completion
+from helpers import assert_logits_agree, outputs_with_logits, run_to_completion
 from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.model.loader import LoadedModel, load_model
 
@@ -149,11 +149,7 @@ def run(loaded: LoadedModel, prompts: list[list[int]], mix: list[str | None], *,
             cuda_ops.cache_clear()
     assert all(r.finish_reason == "length" and len(r.output_ids) == NEW for r in reqs), \
         [(r.finish_reason, r.error) for r in reqs]
-    logits = {r.id: [] for r in reqs}
-    for ids, step_logits in captured:
-        for i, rid in enumerate(ids):
-            logits[rid].append(step_logits[i].float())
-    out = [(r.output_ids, logits[r.id]) for r in reqs]
+    out = outputs_with_logits(reqs, captured)
     e.close()
     return e, out
 

@@ -6,7 +6,7 @@ the tokens part, the reference's top two logits were a near-tie."""
 import pytest
 import torch
 
-from helpers import assert_logits_agree, run_to_completion
+from helpers import assert_logits_agree, outputs_with_logits, run_to_completion
 from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.adapters.random_adapter import ALL_PROJECTIONS, write_random_adapter
 from punica_core.model.config import NAMED_SHAPES
@@ -38,11 +38,7 @@ def run(device, dtype, adapters, monkeypatch=None, backend=None):
     reqs = [e.add_request([5 + i, 17, 99, 1000 + i], params, a)
             for i, a in enumerate([*adapters, None])]
     run_to_completion(e)
-    logits = {r.id: [] for r in reqs}
-    for ids, step_logits in captured:
-        for i, rid in enumerate(ids):
-            logits[rid].append(step_logits[i].float())
-    return [(r.output_ids, logits[r.id]) for r in reqs]
+    return outputs_with_logits(reqs, captured)
 
 
 def agree(ref, test, rel_tol, tie_tol):
