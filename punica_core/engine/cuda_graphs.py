@@ -35,8 +35,9 @@ def graphs_supported(model: LlamaModel) -> bool:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv: KVCache, pool: SlotPool, max_batch: int,
-                 max_model_len: int):
+                 max_model_len: int, lora_overlap: bool = False):
         self.model, self.kv, self.pool = model, kv, pool
+        self.lora_overlap = lora_overlap
         self.max_rows = n = max_batch
         self.buckets = [b for b in BUCKETS if b < n] + [n]
         # LoRA inside a graph needs the CUDA SGMV kernels (the reference loops on the host)
@@ -61,6 +62,7 @@ class DecodeGraphs:
         self._v = torch.empty(n, max(pool.max_rank, 1), dtype=model.dtype, device=dev)
         self._mempool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._contexts: dict[tuple[int, bool], LoraContext | None] = {}
 
     # -- views of the device buffers ---------------------------------------------------------
     def _ctx(self, b):
@@ -130,7 +132,8 @@ class DecodeGraphs:
     def _capture(self, b: int, with_lora: bool):
         layout = self._layout(b)
         lora = LoraContext.for_graph(self.pool, self._indptr(b), self._slots(b),
-                                     self._v[:b]) if with_lora else None
+                                     self._v[:b], overlap=self.lora_overlap) \
+            if with_lora else None
         # the inputs of this step are already in the buffers: a valid batch to warm up on
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream())
@@ -141,6 +144,9 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._mempool):
             logits = self.model.forward(layout, self.kv, lora)
         self._graphs[(b, with_lora)] = (graph, logits)
+        # the graph reads and writes the context's buffers (lora_overlap's deltas, made in the
+        # warm-up): they must live as long as the graph
+        self._contexts[(b, with_lora)] = lora
         return graph, logits
 
     @property

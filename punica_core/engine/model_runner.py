@@ -15,8 +15,9 @@ from .scheduler import ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, pool: SlotPool,
-                 graphs: DecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None, lora_overlap: bool = False):
         self.model, self.kv, self.pool = model, kv, pool
+        self.lora_overlap = lora_overlap
         self.graphs = graphs    # decode steps replay CUDA graphs when they fit
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
 
@@ -28,7 +29,7 @@ class ModelRunner:
         lora = None
         if layout.lora is not None and layout.lora.any_adapter:
             lora = LoraContext(self.pool, layout.lora, layout.num_rows, self.model.dtype,
-                               self.model.device)
+                               self.model.device, overlap=self.lora_overlap)
         return self.model.forward(layout, self.kv, lora)
 
     def run(self, batch: ScheduledBatch) -> list[int | None]:

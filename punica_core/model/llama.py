@@ -68,6 +68,16 @@ class LlamaModel:
                                           layout.context_lens, kv.block_size, self.scale)
         return paged_attention_ref(q, kv.k[layer], kv.v[layer], layout, self.scale)
 
+    @staticmethod
+    def _project(x, weight, bias, lora: LoraContext | None, layer: int, site) -> torch.Tensor:
+        """A projection site (fused q/k/v, o, gate/up, down) with every row's LoRA delta."""
+        if lora is None:
+            return linear(x, weight, bias)
+        pending = lora.start(x, layer, site, weight.shape[0])    # beside the base projection
+        y = linear(x, weight, bias)
+        lora.finish(y, x, layer, site, pending)
+        return y
+
     @torch.inference_mode()
     def forward(self, layout: BatchLayout, kv: KVCache, lora: LoraContext | None) -> torch.Tensor:
         """Runs every row of the step; returns float32 logits of layout.logit_rows: [B, V]."""
@@ -79,24 +89,16 @@ class LlamaModel:
         cos, sin = self.rope.lookup(layout.positions)               # [T, D/2]
         h = ops.rms_norm(x, self.layers[0].input_norm, eps)         # [T, H]
         for i, lw in enumerate(self.layers):
-            qkv = linear(h, lw.qkv, lw.qkv_bias)                    # [T, q + 2kv]
-            if lora is not None:
-                lora.apply(qkv, h, i, QKV)
+            qkv = self._project(h, lw.qkv, lw.qkv_bias, lora, i, QKV)   # [T, q + 2kv]
             # rotary on q and k, and k, v written into this layer's paged cache
             q = ops.rotary_qk_and_cache(qkv, cos, sin, kv.k[i], kv.v[i], layout.slot_mapping,
                                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             attn = self._attention(q, kv, i, layout).reshape(T, cfg.q_size)
-            o = linear(attn, lw.o)                                  # [T, H]
-            if lora is not None:
-                lora.apply(o, attn, i, O)
+            o = self._project(attn, lw.o, None, lora, i, O)         # [T, H]
             h, x = ops.add_rms_norm(x, o, lw.post_norm, eps, inplace=True)     # x += o
-            gu = linear(h, lw.gate_up)                              # [T, 2I]
-            if lora is not None:
-                lora.apply(gu, h, i, GATE_UP)
+            gu = self._project(h, lw.gate_up, None, lora, i, GATE_UP)   # [T, 2I]
             m = ops.silu_mul(gu)                                    # [T, I]
-            d = linear(m, lw.down)                                  # [T, H]
-            if lora is not None:
-                lora.apply(d, m, i, DOWN)
+            d = self._project(m, lw.down, None, lora, i, DOWN)      # [T, H]
             # the residual add fused with the next layer's input norm (the final norm at last)
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             h, x = ops.add_rms_norm(x, d, nxt, eps, inplace=True)              # x += d

@@ -1,6 +1,9 @@
 """The model's view of LoRA in one step: the step's segments bound to the slot pool's weights."""
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from .. import ops
@@ -22,8 +25,10 @@ class LoraContext:
     the op calls (the CPU reference loops over segments inside the op).
     """
 
-    def __init__(self, pool, segments: LoraSegments, num_rows: int, dtype, device):
+    def __init__(self, pool, segments: LoraSegments, num_rows: int, dtype, device,
+                 overlap: bool = False):
         self.pool = pool
+        self._overlap(overlap, device)
         self.seg = segments
         # v: [T, max_rank] shrink output, shared by all projections (each reads its own :rank)
         self.v = torch.empty(num_rows, pool.max_rank, dtype=dtype, device=device)
@@ -48,16 +53,50 @@ class LoraContext:
 
     @classmethod
     def for_graph(cls, pool, indptr_t: torch.Tensor, slot_ids_t: torch.Tensor,
-                  v: torch.Tensor) -> "LoraContext":
+                  v: torch.Tensor, overlap: bool = False) -> "LoraContext":
         """Every projection active and all segment metadata on the device, so that nothing is
         read on the host and the step can be captured in a CUDA graph (CUDA kernels only;
         a slot's rank 0 makes its projection a no-op inside the kernel)."""
         ctx = cls.__new__(cls)
         ctx.pool, ctx.v, ctx.small = pool, v, None
+        ctx._overlap(overlap, v.device)
         ctx._indptr, ctx._slots, ctx._lists = indptr_t, slot_ids_t, False
         ctx.rank = {p: pool.max_rank for p in pool.projections}
         ctx.active = {p: True for p in pool.projections}
         return ctx
+
+    # -- overlap: the site's LoRA beside its base projection --------------------------------
+    def _overlap(self, overlap: bool, device) -> None:
+        self.overlap = overlap
+        self.side = _side_stream(torch.device(device)) \
+            if overlap and torch.device(device).type == "cuda" else None
+        self._deltas: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def start(self, x: torch.Tensor, layer: int, projs: tuple[str, ...], out_features: int):
+        """With overlap: the site's delta (x's rows x out_features), computed on the side
+        stream into its own buffer while the caller runs the base projection; else None."""
+        if not self.overlap or not any(self.active.get(p) for p in projs):
+            return None
+        d = self._deltas.get(projs)
+        if d is None or d.shape != (x.shape[0], out_features):
+            d = self._deltas[projs] = torch.empty(x.shape[0], out_features, dtype=x.dtype,
+                                                  device=x.device)
+        if self.side is not None:
+            self.side.wait_stream(torch.cuda.current_stream(x.device))   # x is ready
+        with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
+            d.zero_()
+            self.apply(d, x, layer, projs)
+        return d
+
+    def finish(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...],
+               delta: torch.Tensor | None) -> None:
+        """Adds the site's delta to its base output: the one start made, or computed now."""
+        if delta is None:
+            self.apply(out, x, layer, projs)
+            return
+        if self.side is not None:
+            torch.cuda.current_stream(out.device).wait_stream(self.side)
+        out.add_(delta)
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...]):
         """out: [T, site_out] fused projection output; x: [T, in] its input."""
@@ -77,3 +116,10 @@ class LoraContext:
                         weights[p].ranks_list if self._lists else weights[p].ranks,
                         self.pool.col_offsets[p]) for p in active]
         ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device):
+    """One side stream per device for the LoRA work (kept: graphs captured on it replay).
+    High priority: its small launches take SMs ahead of the base projection's tiles."""
+    return torch.cuda.Stream(device, priority=-1)

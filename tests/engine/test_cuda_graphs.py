@@ -24,11 +24,12 @@ def adapters(tmp_path_factory):
             for i, (n, (r, t)) in enumerate(MIX.items())}
 
 
-def run(adapters, graphs: bool, dtype=torch.bfloat16, n_requests=11):
+def run(adapters, graphs: bool, dtype=torch.bfloat16, n_requests=11, overlap=False):
     loaded = load_model("random:tiny", "cpu", torch.float32)
     loaded.model = loaded.model.to("cuda", dtype)
     e = Engine(EngineConfig(model="random:tiny", device="cuda", kv_cache_gb=0.05,
-                            max_adapters_on_gpu=4, max_batch=16, cuda_graphs=graphs),
+                            max_adapters_on_gpu=4, max_batch=16, cuda_graphs=graphs,
+                            lora_overlap=overlap),
                loaded=loaded)
     for name, path in adapters.items():
         e.register_adapter(name, path)
@@ -53,6 +54,17 @@ def test_graph_replay_matches_eager_with_adapters(adapters):
     buckets = {b for b, _ in captured}
     assert {(16, True), (8, True)} <= set(captured), captured
     assert {1, 2, 4} <= buckets, captured
+    assert_logits_agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_lora_overlap_on_a_side_stream_matches(adapters, graphs):
+    """lora_overlap: every site's LoRA on the side stream beside its base projection (captured
+    into the graphs too) gives the logits of the plain order."""
+    _, ref = run(adapters, graphs=False)
+    engine, test = run(adapters, graphs=graphs, overlap=True)
+    if graphs:
+        assert (16, True) in engine.runner.graphs.captured
     assert_logits_agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
 
 
