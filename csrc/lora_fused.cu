@@ -58,9 +58,9 @@ __device__ __forceinline__ void cluster_wait() {
 }
 
 template <typename T>
-__device__ __forceinline__ void add_to_row(T* dst, const float (&acc)[8]) {
-  float cur[8];
-  unpack8<T>(*reinterpret_cast<const uint4*>(dst), cur);
+__device__ __forceinline__ void add_to_row(T* dst, const float (&acc)[8], bool accumulate) {
+  float cur[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (accumulate) unpack8<T>(*reinterpret_cast<const uint4*>(dst), cur);
 #pragma unroll
   for (int e = 0; e < 8; ++e) cur[e] += acc[e];
   *reinterpret_cast<uint4*>(dst) = pack8<T>(cur);
@@ -218,7 +218,7 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
       const int m = i / sl.nk8, c = i % sl.nk8;
       cp_async16(xs + m * Kc + c * 8, x + int64_t(row0 + m) * p.x_stride + sl.k0 + c * 8, 16);
     }
-    for (int i = tid; i < mt * sl.nn8; i += kThreads) {
+    for (int i = tid; p.accumulate && i < mt * sl.nn8; i += kThreads) {
       const int m = i / sl.nn8, c = i % sl.nn8;
       cp_async16(ys + m * Nc + c * 8, sl.yrow + int64_t(row0 + m) * p.y_stride + c * 8, 16);
     }
@@ -249,7 +249,9 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= mt) continue;
-        const float2 cur = to_float2(reinterpret_cast<const T2*>(ys + m * Nc)[c2]);
+        const float2 cur = p.accumulate
+                               ? to_float2(reinterpret_cast<const T2*>(ys + m * Nc)[c2])
+                               : make_float2(0.f, 0.f);
         T2 out;
         out.x = from_float<T>(cur.x + acc[m][0]);
         out.y = from_float<T>(cur.y + acc[m][1]);
@@ -308,7 +310,8 @@ __device__ void fused_streamed(const FusedParams& p, const Slice<T>& sl, cg::clu
         expand_cols<T, MT>(acc, sl.B + c * 8, sl.N, vfull, 0, r, mt, true);
 #pragma unroll
         for (int m = 0; m < MT; ++m)
-          if (m < mt) add_to_row<T>(sl.yrow + int64_t(row0 + m) * p.y_stride + c * 8, acc[m]);
+          if (m < mt) add_to_row<T>(sl.yrow + int64_t(row0 + m) * p.y_stride + c * 8, acc[m],
+                            p.accumulate);
       }
     } else {
       const bool ok = lt < sl.nn8;
@@ -327,7 +330,8 @@ __device__ void fused_streamed(const FusedParams& p, const Slice<T>& sl, cg::clu
             for (int e = 0; e < 8; ++e) acc[m][e] += red[(((q - 1) * MT + m) * 8 + e) * gs + lt];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
-          if (m < mt) add_to_row<T>(sl.yrow + int64_t(row0 + m) * p.y_stride + lt * 8, acc[m]);
+          if (m < mt) add_to_row<T>(sl.yrow + int64_t(row0 + m) * p.y_stride + lt * 8, acc[m],
+                              p.accumulate);
       }
     }
     __syncthreads();  // xs, vfull and red are reused by the next rows
@@ -352,10 +356,6 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
   sa.num_slots = pr.num_slots;
   sa.max_rank = pr.max_rank;
   const Segment g = load_segment(sa, s);
-  if (!g.active()) {  // the whole cluster shares the segment, so it leaves together
-    pdl_wait();
-    return;
-  }
   Slice<T> sl;
   sl.K = p.in_features;
   sl.N = pr.out_features;
@@ -365,9 +365,17 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
   sl.nk8 = (min(p.in_features, sl.k0 + sl.Kc) - sl.k0) / 8;
   const int n0 = min(pr.out_features, crank * sl.Nc);
   sl.nn8 = (min(pr.out_features, n0 + sl.Nc) - n0) / 8;
+  sl.yrow = static_cast<T*>(p.y) + pr.col_offset + n0;
+  if (!g.active()) {  // the whole cluster shares the segment, so it leaves together
+    pdl_wait();
+    if (!p.accumulate)  // y = delta: these rows' delta is zero
+      for (int i = threadIdx.x; i < (g.end - g.start) * sl.nn8; i += kThreads)
+        *reinterpret_cast<uint4*>(sl.yrow + int64_t(g.start + i / sl.nn8) * p.y_stride +
+                                  (i % sl.nn8) * 8) = make_uint4(0, 0, 0, 0);
+    return;
+  }
   sl.A = static_cast<const T*>(pr.a) + g.slot * pr.a_slot_stride + sl.k0;
   sl.B = static_cast<const T*>(pr.b) + g.slot * pr.b_slot_stride + n0;
-  sl.yrow = static_cast<T*>(p.y) + pr.col_offset + n0;
   sl.start = g.start;
   sl.end = g.end;
   sl.r = g.rank;

@@ -85,6 +85,7 @@ struct FusedParams {
   int cluster;                // CTAs per (segment, projection): 1..16
   int rank_block;             // rank rows whose weight slices are staged in shared memory
   int n_pitch;                // staged row length of b (the widest projection's column slice)
+  bool accumulate;            // y += delta; false: y = delta (rows of inactive segments get 0)
 };
 
 struct LaunchOptions {

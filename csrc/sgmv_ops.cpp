@@ -234,7 +234,7 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
 void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at::TensorList a,
               at::TensorList b, at::TensorList ranks, c10::IntArrayRef col_offsets,
               const at::Tensor& seg_indptr, const at::Tensor& slot_ids, int64_t layer, int64_t path,
-              int64_t cluster, bool pdl) {
+              int64_t cluster, bool pdl, bool accumulate) {
   const char* fn = "add_lora";
   TORCH_CHECK(x.is_cuda(), "punica::add_lora: x must be a CUDA tensor, got ", x.device());
   const at::Device dev = x.device();
@@ -290,9 +290,15 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
     q.out_features = int(N);
     q.col_offset = off;
   }
-  if (seg.num_seg == 0 || x.size(0) == 0) return;
-
   const c10::cuda::CUDAGuard guard(dev);
+  const auto zero_windows = [&] {
+    for (size_t i = 0; i < np; ++i) y.narrow(1, col_offsets[i], b[i].size(3)).zero_();
+  };
+  if (seg.num_seg == 0 || x.size(0) == 0) {
+    if (!accumulate) zero_windows();
+    return;
+  }
+
   LaunchOptions o = launch_options(dev, vec, pdl);
   const bool hopper = at::cuda::getDeviceProperties(dev.index())->major >= 9;
   const bool decode = x.size(0) <= kMmaMinRowsPerSegment * seg.num_seg;
@@ -308,9 +314,11 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
     prm.y = y.data_ptr();
     prm.y_stride = y.stride(0);
     prm.cluster = cluster > 0 ? int(cluster) : lora_fused_cluster(seg.num_seg * int(np), o.num_sms);
+    prm.accumulate = accumulate;
     check_launch(fn, lora_fused(dt, prm, o));
     return;
   }
+  if (!accumulate) zero_windows();  // the pair kernels accumulate
   for (size_t i = 0; i < np; ++i) {
     sgmv_shrink(v, x, a[i], seg_indptr, slot_ids, ranks[i], layer, path, pdl);
     sgmv_expand(y, v, b[i], seg_indptr, slot_ids, ranks[i], layer, col_offsets[i], path, pdl);
@@ -324,7 +332,7 @@ TORCH_LIBRARY(punica, m) {
         "Tensor ranks, int layer, int col_offset=0, int path=0, bool pdl=True) -> ()");
   m.def("add_lora(Tensor(a!) y, Tensor x, Tensor(b!) v, Tensor[] a, Tensor[] b, Tensor[] ranks, "
         "int[] col_offsets, Tensor seg_indptr, Tensor slot_ids, int layer, int path=0, "
-        "int cluster=0, bool pdl=True) -> ()");
+        "int cluster=0, bool pdl=True, bool accumulate=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(punica, CUDA, m) {

@@ -69,14 +69,15 @@ class LlamaModel:
         return paged_attention_ref(q, kv.k[layer], kv.v[layer], layout, self.scale)
 
     @staticmethod
-    def _project(x, weight, bias, lora: LoraContext | None, layer: int, site) -> torch.Tensor:
-        """A projection site (fused q/k/v, o, gate/up, down) with every row's LoRA delta."""
+    def _project(x, weight, bias, lora: LoraContext | None, layer: int, site
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A projection site (fused q/k/v, o, gate/up, down) with every row's LoRA delta:
+        (y, None) with the delta added in place, or (y, delta) for the consumer to add."""
         if lora is None:
-            return linear(x, weight, bias)
+            return linear(x, weight, bias), None
         pending = lora.start(x, layer, site, weight.shape[0])    # beside the base projection
         y = linear(x, weight, bias)
-        lora.finish(y, x, layer, site, pending)
-        return y
+        return y, lora.finish(y, x, layer, site, pending)
 
     @torch.inference_mode()
     def forward(self, layout: BatchLayout, kv: KVCache, lora: LoraContext | None) -> torch.Tensor:
@@ -89,18 +90,22 @@ class LlamaModel:
         cos, sin = self.rope.lookup(layout.positions)               # [T, D/2]
         h = ops.rms_norm(x, self.layers[0].input_norm, eps)         # [T, H]
         for i, lw in enumerate(self.layers):
-            qkv = self._project(h, lw.qkv, lw.qkv_bias, lora, i, QKV)   # [T, q + 2kv]
+            # each *_d is the site's LoRA delta when computed beside its projection (else None:
+            # already added); the next op adds it on the fly
+            qkv, qkv_d = self._project(h, lw.qkv, lw.qkv_bias, lora, i, QKV)   # [T, q + 2kv]
             # rotary on q and k, and k, v written into this layer's paged cache
             q = ops.rotary_qk_and_cache(qkv, cos, sin, kv.k[i], kv.v[i], layout.slot_mapping,
-                                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+                                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                        lora_delta=qkv_d)
             attn = self._attention(q, kv, i, layout).reshape(T, cfg.q_size)
-            o = self._project(attn, lw.o, None, lora, i, O)         # [T, H]
-            h, x = ops.add_rms_norm(x, o, lw.post_norm, eps, inplace=True)     # x += o
-            gu = self._project(h, lw.gate_up, None, lora, i, GATE_UP)   # [T, 2I]
-            m = ops.silu_mul(gu)                                    # [T, I]
-            d = self._project(m, lw.down, None, lora, i, DOWN)      # [T, H]
+            o, o_d = self._project(attn, lw.o, None, lora, i, O)    # [T, H]
+            h, x = ops.add_rms_norm(x, o, lw.post_norm, eps, inplace=True,
+                                    lora_delta=o_d)                 # x += o
+            gu, gu_d = self._project(h, lw.gate_up, None, lora, i, GATE_UP)   # [T, 2I]
+            m = ops.silu_mul(gu, lora_delta=gu_d)                   # [T, I]
+            d, d_d = self._project(m, lw.down, None, lora, i, DOWN)     # [T, H]
             # the residual add fused with the next layer's input norm (the final norm at last)
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            h, x = ops.add_rms_norm(x, d, nxt, eps, inplace=True)              # x += d
+            h, x = ops.add_rms_norm(x, d, nxt, eps, inplace=True, lora_delta=d_d)  # x += d
         # on CPU, linear streams the 49152 x 576 head 2-4x faster than F.linear (see linear.py)
         return linear(h[layout.logit_rows], self.lm_head).float()   # [B, V]

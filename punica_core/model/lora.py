@@ -84,23 +84,29 @@ class LoraContext:
         if self.side is not None:
             self.side.wait_stream(torch.cuda.current_stream(x.device))   # x is ready
         with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
-            d.zero_()
-            self.apply(d, x, layer, projs)
+            self.apply(d, x, layer, projs, accumulate=False)     # d = delta: no zeroing
         return d
 
     def finish(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...],
-               delta: torch.Tensor | None) -> None:
-        """Adds the site's delta to its base output: the one start made, or computed now."""
+               delta: torch.Tensor | None) -> torch.Tensor | None:
+        """After the base projection: None once the site's delta is added into out (no
+        overlap), else the delta start made, ready on the current stream, for the consumer
+        of out to add (the fused elementwise ops take it as lora_delta)."""
         if delta is None:
             self.apply(out, x, layer, projs)
-            return
+            return None
         if self.side is not None:
             torch.cuda.current_stream(out.device).wait_stream(self.side)
-        out.add_(delta)
+        return delta
 
-    def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...]):
-        """out: [T, site_out] fused projection output; x: [T, in] its input."""
+    def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...],
+              accumulate: bool = True):
+        """out: [T, site_out] fused projection output; x: [T, in] its input. accumulate=False:
+        out = the site's delta (every column of the site is written)."""
         active = [p for p in projs if self.active.get(p)]
+        if not accumulate and (self.small is not None or len(active) < len(projs)):
+            out.zero_()     # these paths write only the active projections' windows
+            accumulate = True
         if not active:
             return
         if self.small is not None:
@@ -115,7 +121,7 @@ class LoraContext:
         projections = [(weights[p].a, weights[p].b,
                         weights[p].ranks_list if self._lists else weights[p].ranks,
                         self.pool.col_offsets[p]) for p in active]
-        ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer)
+        ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer, accumulate)
 
 
 @functools.lru_cache(maxsize=None)

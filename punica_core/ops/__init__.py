@@ -35,14 +35,15 @@ def sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer: int, col_offset: in
     return torch_ref.sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, col_offset)
 
 
-def add_lora(y, x, v, projections, seg_indptr, slot_ids, layer: int):
+def add_lora(y, x, v, projections, seg_indptr, slot_ids, layer: int, accumulate: bool = True):
     """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
     (a, b, ranks, col_offset) in `projections`, all reading x; v is the shrink's workspace
-    ([n, >= max_rank]; the fused CUDA kernel does not touch it)."""
+    ([n, >= max_rank]; the fused CUDA kernel does not touch it). accumulate=False: the
+    windows are overwritten (=, rows without an adapter get 0); segments cover every row."""
     ops = kernels_for(x)
     if ops is not None:
-        return ops.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer)
-    return torch_ref.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer)
+        return ops.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer, accumulate)
+    return torch_ref.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer, accumulate)
 
 
 __all__ = ["sgmv_shrink", "sgmv_expand", "add_lora", "torch_ref", "cuda_ops", "kernels_for"]

@@ -66,7 +66,7 @@ def _register_fakes() -> None:
         return None
 
     def add_lora_fake(y, x, v, a, b, ranks, col_offsets, seg_indptr, slot_ids, layer, path=0,
-                      cluster=0, pdl=True):
+                      cluster=0, pdl=True, accumulate=True):
         return None
 
     for name, fn in (("punica::sgmv_shrink", shrink_fake), ("punica::sgmv_expand", expand_fake),
@@ -135,9 +135,11 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, seg_indptr, s
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg_indptr, slot_ids,
-             layer: int) -> torch.Tensor:
+             layer: int, accumulate: bool = True) -> torch.Tensor:
     """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
     (a, b, ranks, col_offset) in `projections` (1 to 4, all reading x); returns y.
+    accumulate=False overwrites the windows instead (= rather than +=; rows without an adapter
+    get zeros), so a delta buffer needs no zeroing first; the segments must cover every row.
 
     One fused launch for decode batches on sm_90 (v untouched); otherwise a shrink + expand
     pair per projection through v ([n, >= max_rank]).
@@ -146,5 +148,5 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg
     a, b, ranks, offs = zip(*projections)
     torch.ops.punica.add_lora(y, x, v, list(a), list(b), [_index(r, dev) for r in ranks],
                               [int(o) for o in offs], _index(seg_indptr, dev),
-                              _index(slot_ids, dev), int(layer))
+                              _index(slot_ids, dev), int(layer), accumulate=accumulate)
     return y

@@ -52,9 +52,12 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, seg_indptr, s
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg_indptr,
-             slot_ids, layer: int) -> torch.Tensor:
-    """For each (a, b, ranks, col_offset): shrink into v, then expand into y's window."""
+             slot_ids, layer: int, accumulate: bool = True) -> torch.Tensor:
+    """For each (a, b, ranks, col_offset): shrink into v, then expand into y's window
+    (zeroed first when not accumulating)."""
     for a, b, ranks, off in projections:
+        if not accumulate:
+            y[:, off:off + b.shape[-1]].zero_()
         sgmv_shrink(v, x, a, seg_indptr, slot_ids, ranks, layer)
         sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer, off)
     return y

@@ -61,6 +61,12 @@ def check_rms(T, H, dtype, device, interp=False, seed=0):
     y2, xn2 = ft.add_rms_norm(x, delta, w, EPS, inplace=True)
     assert xn2 is x and torch.equal(y2, y) and torch.equal(x, xn)
     assert torch.equal(big[:, :8], before[:, :8]) and torch.equal(big[:, 8 + H:], before[:, 8 + H:])
+    # a LoRA delta of the projection (lora_overlap) added on the way, rounded like delta += ld
+    ld = torch.randn(T, H, generator=g).to(dtype).to(device)
+    want_y, want_x = ft.add_rms_norm_torch(x, delta, w, EPS, lora_delta=ld)
+    y3, xn3 = ft.add_rms_norm(x, delta, w, EPS, lora_delta=ld)
+    close(y3, want_y, interp)
+    close(xn3, want_x, interp, exact=1.0)
 
 
 def check_silu(T, inter, dtype, device, interp=False, seed=0):
@@ -68,6 +74,8 @@ def check_silu(T, inter, dtype, device, interp=False, seed=0):
     gu = (torch.randn(T, 2 * inter + 16, generator=g) * 3).to(dtype).to(device)[:, :2 * inter]
     gate, up = gu.chunk(2, dim=-1)
     close(ft.silu_mul(gu), F.silu(gate) * up, interp)
+    ld = torch.randn(T, 2 * inter, generator=g).to(dtype).to(device)
+    close(ft.silu_mul(gu, lora_delta=ld), ft.silu_mul_torch(gu, lora_delta=ld), interp)
 
 
 def rotary_case(T, H, KVH, D, dtype, device, seed=0, max_pos=4096):
@@ -114,6 +122,14 @@ def check_rotary(T, H, KVH, D, dtype, device, interp=False, seed=0):
     want = [t.clone() for t in (kc2, vc2)]
     q2 = ft.rotary_qk_and_cache(qkv, cos, sin, kc2, vc2, sm2, H, KVH, D)
     assert torch.equal(q2, q) and torch.equal(kc2, want[0]) and torch.equal(vc2, want[1])
+    # a LoRA delta of the qkv projection (lora_overlap), added before the rotation
+    ld = torch.randn(qkv.shape, generator=_gen(seed + 1)).to(dtype).to(device)
+    want_q, want_k, want_v = rotary_reference(qkv + ld, cos, sin, kc, vc, sm, H, KVH, D)
+    kc3, vc3 = kc.clone(), vc.clone()
+    q3 = ft.rotary_qk_and_cache(qkv, cos, sin, kc3, vc3, sm, H, KVH, D, lora_delta=ld)
+    close(q3, want_q, interp, exact)
+    close(kc3, want_k, interp, exact)
+    close(vc3, want_v, interp, exact=1.0)   # v + delta, rounded once as torch's add
 
 
 # ---- CPU, always ------------------------------------------------------------------------------
@@ -149,6 +165,15 @@ def test_torch_references_are_the_model_code(dtype):
     q = ft.rotary_qk_and_cache_torch(qkv, cos, sin, kv.k[1], kv.v[1], sm, H, KVH, D)
     assert torch.equal(q, want_q) and torch.equal(kv.k[1], want_k) and torch.equal(kv.v[1], want_v)
     assert kv.k[0].abs().sum() == 0                    # other layers untouched
+    # lora_delta: the projection output plus the delta, rounded once, then the same op
+    ld = torch.randn(5, 64, generator=g).to(dtype)
+    y, xn = ft.add_rms_norm_torch(x.clone(), d, w, EPS, lora_delta=ld)
+    assert torch.equal(xn, x + (d + ld)) and torch.equal(y, llama_rms_norm(x + (d + ld), w, EPS))
+    ld = torch.randn(5, 256, generator=g).to(dtype)
+    assert torch.equal(ft.silu_mul_torch(gu, lora_delta=ld), ft.silu_mul_torch(gu + ld))
+    ld = torch.randn(qkv.shape, generator=g).to(dtype)
+    q = ft.rotary_qk_and_cache_torch(qkv, cos, sin, kv.k[0], kv.v[0], sm, H, KVH, D, lora_delta=ld)
+    assert torch.equal(q, rotary_reference(qkv + ld, cos, sin, kv.k[0], kv.v[0], sm, H, KVH, D)[0])
 
 
 _INTERP_SCRIPT = r"""

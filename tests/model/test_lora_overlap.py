@@ -1,5 +1,6 @@
-"""lora_overlap's delta path (start -> delta buffer -> finish adds it) against the plain
-in-place order, on the CPU (no side stream: the same math, run in sequence)."""
+"""lora_overlap's delta path (start -> delta buffer -> finish hands it to the consumer op,
+which adds it) against the plain in-place order, on the CPU (no side stream: the same math,
+run in sequence)."""
 import torch
 
 from helpers import run_to_completion
@@ -46,9 +47,35 @@ def test_overlap_context_computes_the_delta_into_its_own_buffer(make_engine, par
     assert delta is not None and delta.data_ptr() != out.data_ptr()
     assert torch.equal(delta[2], torch.zeros(hidden))      # the row without an adapter
     got = out.clone()
-    ctx.finish(got, x, 0, site, delta)
+    assert ctx.finish(got, x, 0, site, delta) is delta and torch.equal(got, out)  # not added
+    got += delta
     assert torch.allclose(got, want, atol=1e-6) and not torch.equal(got[:2], out[:2])
     again = ctx.start(x, 1, site, hidden)                    # the buffer is reused, re-zeroed
     assert again.data_ptr() == delta.data_ptr() and torch.equal(again[2], torch.zeros(hidden))
     plain = LoraContext(e.pool, seg, rows, e.model.dtype, e.model.device)
     assert plain.start(x, 0, site, hidden) is None           # no overlap: applied in finish
+    got = out.clone()
+    assert plain.finish(got, x, 0, site, None) is None and torch.allclose(got, want, atol=1e-6)
+
+
+def test_delta_store_overwrites_whatever_the_buffer_held(make_engine, parity_adapters):
+    """accumulate=False (the delta buffer's mode): the site's windows end up equal to the
+    delta alone, rows without an adapter zero, even when the buffer held garbage."""
+    from punica_core.engine.layout import LoraSegments
+    from punica_core.model.lora import LoraContext
+    e = make_engine()
+    e.register_adapter("a", parity_adapters["r8_all"])
+    slot = e.pool.load(e.store.get_cached("a"))
+    seg = LoraSegments(indptr=[0, 1, 3], slot_ids=[-1, slot],
+                       indptr_t=torch.tensor([0, 1, 3], dtype=torch.int32),
+                       slot_ids_t=torch.tensor([-1, slot], dtype=torch.int32))
+    ctx = LoraContext(e.pool, seg, 3, e.model.dtype, e.model.device)
+    cfg = e.model.cfg
+    x = torch.randn(3, cfg.hidden_size)
+    width = cfg.q_size + 2 * cfg.num_kv_heads * cfg.head_dim
+    want = torch.zeros(3, width)
+    ctx.apply(want, x, 0, ("q_proj", "k_proj", "v_proj"))
+    got = torch.full((3, width), float("nan"))
+    ctx.apply(got, x, 0, ("q_proj", "k_proj", "v_proj"), accumulate=False)
+    assert torch.equal(got, want) and torch.equal(got[0], torch.zeros(width))
+    assert want[1:].abs().sum() > 0

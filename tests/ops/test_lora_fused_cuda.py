@@ -284,3 +284,35 @@ def test_rejects_bad_arguments(kernels, case, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.punica.add_lora(y, x, v, a, b, r, off, p["indptr_t"], p["slots_t"], layer, path)
     torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", [AUTO, SIMT, FUSED])
+@pytest.mark.parametrize("ranks", [[16] * 5, [4, 8, 16, 64, 128]])     # staged and streamed
+def test_store_mode_overwrites_the_windows(kernels, path, ranks):
+    """accumulate=False (lora_overlap's delta buffer): every window row of the segments is
+    written, with zeros for rows without an adapter, whatever y held; the gaps stay."""
+    if path == FUSED and not hopper():
+        pytest.skip("the fused kernel needs sm_90")
+    dtype = torch.bfloat16
+    p = make(dtype, 4096, [4096, 1024, 1024], [ranks] * 3, SLOTS, LENS)
+    zero = dict(p, y0=torch.zeros_like(p["y0"]))
+    want = reference(zero, 1)
+    y = torch.full_like(p["y0"], NAN)
+    for q in p["projs"]:            # the gaps between windows keep what they held
+        y[:, q["off"] - 8:q["off"]] = p["y0"][:, q["off"] - 8:q["off"]]
+    gaps = ~torch.isnan(y)
+    v = torch.empty(y.shape[0], p["max_rank"], dtype=dtype, device="cuda")
+    torch.ops.punica.add_lora(y, p["x"], v, [q["a"] for q in p["projs"]],
+                              [q["b"] for q in p["projs"]], [q["ranks_t"] for q in p["projs"]],
+                              [q["off"] for q in p["projs"]], p["indptr_t"], p["slots_t"], 1,
+                              path, 0, True, False)
+    assert torch.equal(y[gaps], p["y0"][gaps])
+    windows = torch.zeros_like(gaps)
+    for q in p["projs"]:
+        windows[:, q["off"]:q["off"] + q["fout"]] = True
+    assert torch.isfinite(y[windows]).all(), "a window element was left unwritten"
+    mask = written(p)
+    assert torch.equal(y[windows & ~mask], torch.zeros_like(y[windows & ~mask]))
+    err = ((y[mask].float() - want[mask]).norm() / want[mask].norm()).item()
+    assert err < TOL[dtype], f"relative error of the delta {err:.2e}"
