@@ -18,7 +18,7 @@ import torch
 
 from ..errors import AdapterError, UnknownAdapterError
 from ..model.config import ModelConfig
-from .peft import LoraAdapter, inspect_adapter, parse_adapter, validate_name
+from .peft import LoraAdapter, ReadBuffers, inspect_adapter, parse_adapter, validate_name
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class AdapterStore:
         self.parse_seconds = 0.0
         # parsing is torch copies that release the GIL: a few workers read adapters in parallel
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-loader")
+        # weights files are read into kept buffers: a fresh one costs more in page faults
+        # than the read itself (at most 256 MB stay allocated between loads)
+        self.read_buffers = ReadBuffers(keep_bytes=256 << 20)
 
     # -- registry --------------------------------------------------------------------------
     def register(self, name: str, source, lazy: bool = False) -> AdapterInfo:
@@ -162,7 +165,8 @@ class AdapterStore:
         t0 = time.perf_counter()
         try:
             return parse_adapter(name, source, self.model_cfg, self.max_rank,
-                                 self.max_adapter_bytes, dtype=self.dtype, pin_memory=pin)
+                                 self.max_adapter_bytes, dtype=self.dtype, pin_memory=pin,
+                                 buffers=self.read_buffers)
         finally:
             with self._lock:
                 self.parses += 1

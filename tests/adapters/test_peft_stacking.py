@@ -1,0 +1,133 @@
+"""parse_adapter's stacked weights are bit-identical to the straightforward computation
+(A = a in the target dtype, B = b.t() * scale computed in float32 and rounded once, zero where
+the adapter has no layer or a lower rank), for every file / target dtype pair; NaN / inf is
+refused naming the layer and projection."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from punica_core import AdapterError
+from punica_core.adapters.peft import ReadBuffers, parse_adapter
+from punica_core.model.config import NAMED_SHAPES
+
+CFG = dataclasses.replace(NAMED_SHAPES["tiny"], num_layers=6)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+LAYERS = {"q_proj": [0, 1, 2, 3, 4, 5], "v_proj": [1, 2, 4], "down_proj": [5]}
+RANK, ALPHA = 8, 16
+# layer 2's q_proj has rank 4 and alpha 3; every down_proj alpha 5 (per-layer scales)
+CONFIG = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA,
+          "target_modules": list(LAYERS), "rank_pattern": {"layers.2.self_attn.q_proj": 4},
+          "alpha_pattern": {"layers.2.self_attn.q_proj": 3, "down_proj": 5}}
+
+
+def key(layer, proj, ab):
+    kind = "mlp" if proj == "down_proj" else "self_attn"
+    return f"base_model.model.model.layers.{layer}.{kind}.{proj}.lora_{ab}.weight"
+
+
+def rank_alpha(layer, proj):
+    if (layer, proj) == (2, "q_proj"):
+        return 4, 3
+    return RANK, 5 if proj == "down_proj" else ALPHA
+
+
+def make_adapter(folder, file_dtype, seed=0, config=CONFIG):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for proj, layers in LAYERS.items():
+        fin, fout = CFG.proj_shapes[proj]
+        for layer in layers:
+            r, _ = rank_alpha(layer, proj)
+            tensors[key(layer, proj, "A")] = torch.randn(r, fin, generator=g).to(file_dtype)
+            tensors[key(layer, proj, "B")] = (torch.randn(fout, r, generator=g)
+                                              * 0.1).to(file_dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def reference(tensors, proj, dtype, rslora=False):
+    """The straightforward stacking, one layer at a time from zeros."""
+    fin, fout = CFG.proj_shapes[proj]
+    A = torch.zeros(CFG.num_layers, RANK, fin, dtype=dtype)
+    B = torch.zeros(CFG.num_layers, RANK, fout, dtype=dtype)
+    for layer in LAYERS[proj]:
+        r, alpha = rank_alpha(layer, proj)
+        scale = alpha / (math.sqrt(r) if rslora else r)
+        A[layer, :r] = tensors[key(layer, proj, "A")].to(dtype)
+        B[layer, :r] = (tensors[key(layer, proj, "B")].float().t() * scale).to(dtype)
+    return A, B
+
+
+def same_bits(x, y):
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(
+        x.view(torch.int16 if x.itemsize == 2 else torch.int32),
+        y.view(torch.int16 if y.itemsize == 2 else torch.int32))
+
+
+@pytest.mark.parametrize("file_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stacked_weights_bit_identical_to_reference(tmp_path, file_dtype, dtype):
+    tensors = make_adapter(tmp_path / "a", file_dtype)
+    ad = parse_adapter("a", tmp_path / "a", CFG, 16, dtype=dtype, buffers=ReadBuffers())
+    assert ad.targets == ("q_proj", "v_proj", "down_proj") and ad.rank == RANK
+    for proj in LAYERS:
+        A, B = ad.weights[proj]
+        ref_a, ref_b = reference(tensors, proj, dtype)
+        assert same_bits(A, ref_a), proj
+        assert same_bits(B, ref_b), proj
+    assert not ad.weights["v_proj"][0][[0, 3, 5]].any()         # untouched layers are zero
+    assert not ad.weights["q_proj"][1][2, 4:].any()             # rank 4 of 8: padding rows
+
+
+def test_rslora_scales(tmp_path):
+    tensors = make_adapter(tmp_path / "a", torch.bfloat16, config={**CONFIG, "use_rslora": True})
+    ad = parse_adapter("a", tmp_path / "a", CFG, 16, dtype=torch.bfloat16)
+    for proj in LAYERS:
+        assert same_bits(ad.weights[proj][1], reference(tensors, proj, torch.bfloat16, True)[1])
+
+
+def test_reused_read_buffer_gives_the_same_weights(tmp_path):
+    bufs = ReadBuffers()
+    first = make_adapter(tmp_path / "a", torch.bfloat16, seed=1)
+    make_adapter(tmp_path / "b", torch.bfloat16, seed=2)
+    a = parse_adapter("a", tmp_path / "a", CFG, 16, dtype=torch.bfloat16, buffers=bufs)
+    parse_adapter("b", tmp_path / "b", CFG, 16, dtype=torch.bfloat16, buffers=bufs)
+    assert bufs.kept_bytes() > 0
+    # a's weights are copies: reading b into the same buffer left them as they were
+    assert same_bits(a.weights["q_proj"][0], reference(first, "q_proj", torch.bfloat16)[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("proj,layer,ab", [("q_proj", 3, "A"), ("v_proj", 4, "B"),
+                                           ("down_proj", 5, "B"), ("q_proj", 2, "B")])
+def test_non_finite_weights_name_layer_and_projection(tmp_path, proj, layer, ab, bad):
+    tensors = make_adapter(tmp_path / "a", torch.bfloat16)
+    t = tensors[key(layer, proj, ab)]
+    t[-1, -1] = bad
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=rf"layer {layer} {proj}: weights contain NaN or inf"):
+        parse_adapter("a", tmp_path / "a", CFG, 16, dtype=torch.bfloat16)
+
+
+def test_overflow_on_conversion_is_refused(tmp_path):
+    tensors = make_adapter(tmp_path / "a", torch.float32)
+    tensors[key(4, "v_proj", "A")][0, 0] = 1e6          # finite in fp32, inf in fp16
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    parse_adapter("a", tmp_path / "a", CFG, 16, dtype=torch.float32)
+    with pytest.raises(AdapterError, match="layer 4 v_proj: weights contain NaN or inf"):
+        parse_adapter("a", tmp_path / "a", CFG, 16, dtype=torch.float16)
+
+
+def test_huge_finite_weights_load(tmp_path):
+    """Their sum overflows (the fast check fails), yet every element is finite."""
+    tensors = make_adapter(tmp_path / "a", torch.float32)
+    tensors[key(1, "q_proj", "A")].fill_(3e38)
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    ad = parse_adapter("a", tmp_path / "a", CFG, 16, dtype=torch.float32)
+    assert ad.weights["q_proj"][0][1, 0, 0] == torch.tensor(3e38)
