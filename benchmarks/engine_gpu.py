@@ -228,8 +228,9 @@ def main(argv=None):
                          "reported (the first ones absorb the GPU's and host's warm-up)")
     ap.add_argument("--copy-gib", type=float, default=2.0,
                     help="size of the device-to-device copy (1/32 of it on cpu)")
-    ap.add_argument("--lora-overlap", action="store_true",
-                    help="EngineConfig.lora_overlap: each site's LoRA on a side stream")
+    ap.add_argument("--lora-overlap", choices=("auto", "on", "off"), default="auto",
+                    help="EngineConfig.lora_overlap: each site's LoRA on a side stream "
+                         "(auto: the engine's default, on for CUDA)")
     ap.add_argument("--many-adapters", type=int, default=0, help="N for the zipf case; 0: skip")
     ap.add_argument("--slots", type=int, default=32, help="device slots in the zipf case")
     ap.add_argument("--host-cache", type=int, default=64, help="host cache in the zipf case")
@@ -264,12 +265,13 @@ def main(argv=None):
                   max_lora_rank=args.rank, max_tokens_per_step=args.batch * args.prompt_len,
                   kv_cache_gb=args.kv_cache_gb or (8 if device.type == "cuda" else 0.25),
                   max_model_len=4096)
-    if args.lora_overlap:
-        common["lora_overlap"] = True
+    if args.lora_overlap != "auto":
+        common["lora_overlap"] = args.lora_overlap == "on"
     t0 = time.perf_counter()
     engine = Engine(engine_config(**common, max_adapters_on_gpu=args.batch))
     log(f"model ready in {time.perf_counter() - t0:.1f}s")
     out["engine_config"] = config_dict(engine)
+    out["lora_overlap"] = engine.runner.lora_overlap      # what the engine resolved
     out["dtype"] = str(engine.model.dtype).removeprefix("torch.")
     out["adapter_registration_s"] = register_all(engine, {n: paths[n] for n in pool})
     log(f"{len(pool)} adapters registered in {out['adapter_registration_s']:.1f}s")

@@ -27,9 +27,10 @@ class EngineConfig:
     enable_lora: bool = True        # False: no adapter slots, adapters refused (base model only)
     cuda_graphs: bool = True        # decode steps on CUDA replay captured graphs (see
                                     # engine/cuda_graphs.py); False: every step runs eagerly
-    lora_overlap: bool = False      # experimental (CUDA): each projection site's LoRA runs on a
-                                    # second stream beside its base projection, into a delta
-                                    # buffer added afterwards (model/lora.py)
+    lora_overlap: bool | None = None    # each projection site's LoRA on a second stream beside
+                                    # its base projection, into a delta buffer the next op adds
+                                    # (model/lora.py); None: on for CUDA (measured faster:
+                                    # benchmarks/results/engine_gpu_h200_7b.json), off on CPU
     host_cache_adapters: int = 64   # parsed adapters kept in host memory
     max_adapter_bytes: int = 512 << 20
     seed: int = 0

@@ -51,11 +51,11 @@ class Engine:
                                   cfg.max_adapter_bytes, pin_memory=device.type == "cuda",
                                   dtype=dtype)
         self.scheduler = Scheduler(cfg, self.kv, self.pool, self.store, self.max_model_len)
+        overlap = cfg.lora_overlap if cfg.lora_overlap is not None else device.type == "cuda"
         graphs = DecodeGraphs(self.model, self.kv, self.pool, cfg.max_batch, self.max_model_len,
-                              lora_overlap=cfg.lora_overlap) \
+                              lora_overlap=overlap) \
             if cfg.cuda_graphs and graphs_supported(self.model) else None
-        self.runner = ModelRunner(self.model, self.kv, self.pool, graphs,
-                                  lora_overlap=cfg.lora_overlap)
+        self.runner = ModelRunner(self.model, self.kv, self.pool, graphs, lora_overlap=overlap)
         self.metrics = EngineMetrics(cfg.metrics_window)
         self.eos_ids = tuple(set(mcfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None
