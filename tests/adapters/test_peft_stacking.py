@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from punica_core import AdapterError
+from punica_core.adapters import peft
 from punica_core.adapters.peft import ReadBuffers, parse_adapter
 from punica_core.model.config import NAMED_SHAPES
 
@@ -35,13 +36,14 @@ def rank_alpha(layer, proj):
     return RANK, 5 if proj == "down_proj" else ALPHA
 
 
-def make_adapter(folder, file_dtype, seed=0, config=CONFIG):
+def make_adapter(folder, file_dtype, seed=0, config=CONFIG, layers_of=LAYERS, cfg=CFG,
+                 alpha_of=rank_alpha):
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for proj, layers in LAYERS.items():
-        fin, fout = CFG.proj_shapes[proj]
+    for proj, layers in layers_of.items():
+        fin, fout = cfg.proj_shapes[proj]
         for layer in layers:
-            r, _ = rank_alpha(layer, proj)
+            r, _ = alpha_of(layer, proj)
             tensors[key(layer, proj, "A")] = torch.randn(r, fin, generator=g).to(file_dtype)
             tensors[key(layer, proj, "B")] = (torch.randn(fout, r, generator=g)
                                               * 0.1).to(file_dtype)
@@ -51,13 +53,14 @@ def make_adapter(folder, file_dtype, seed=0, config=CONFIG):
     return tensors
 
 
-def reference(tensors, proj, dtype, rslora=False):
+def reference(tensors, proj, dtype, rslora=False, layers_of=LAYERS, cfg=CFG,
+              alpha_of=rank_alpha):
     """The straightforward stacking, one layer at a time from zeros."""
-    fin, fout = CFG.proj_shapes[proj]
-    A = torch.zeros(CFG.num_layers, RANK, fin, dtype=dtype)
-    B = torch.zeros(CFG.num_layers, RANK, fout, dtype=dtype)
-    for layer in LAYERS[proj]:
-        r, alpha = rank_alpha(layer, proj)
+    fin, fout = cfg.proj_shapes[proj]
+    A = torch.zeros(cfg.num_layers, RANK, fin, dtype=dtype)
+    B = torch.zeros(cfg.num_layers, RANK, fout, dtype=dtype)
+    for layer in layers_of[proj]:
+        r, alpha = alpha_of(layer, proj)
         scale = alpha / (math.sqrt(r) if rslora else r)
         A[layer, :r] = tensors[key(layer, proj, "A")].to(dtype)
         B[layer, :r] = (tensors[key(layer, proj, "B")].float().t() * scale).to(dtype)
@@ -83,6 +86,35 @@ def test_stacked_weights_bit_identical_to_reference(tmp_path, file_dtype, dtype)
         assert same_bits(B, ref_b), proj
     assert not ad.weights["v_proj"][0][[0, 3, 5]].any()         # untouched layers are zero
     assert not ad.weights["q_proj"][1][2, 4:].any()             # rank 4 of 8: padding rows
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_runs_of_layers_copied_at_once_match_reference(tmp_path, file_dtype, monkeypatch):
+    """12 layers sort as 0, 1, 10, 11, 2, ... in the file: layers 2-9 lie at one stride, and
+    are copied by one strided op unless a scale differs (layer 7 of q_proj)."""
+    cfg = dataclasses.replace(CFG, num_layers=12)
+    layers_of = {"q_proj": list(range(12)), "down_proj": list(range(12))}
+    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA,
+              "target_modules": list(layers_of),
+              "alpha_pattern": {"layers.7.self_attn.q_proj": 3}}
+
+    def alpha_of(layer, proj):
+        return RANK, 3 if (layer, proj) == (7, "q_proj") else ALPHA
+    tensors = make_adapter(tmp_path / "a", file_dtype, config=config, layers_of=layers_of,
+                           cfg=cfg, alpha_of=alpha_of)
+    runs, real = [], peft._layer_runs
+
+    def recorded(items):
+        runs.append([[layer for layer, *_ in run] for run in real(items)])
+        return real(items)
+    monkeypatch.setattr(peft, "_layer_runs", recorded)
+    ad = parse_adapter("a", tmp_path / "a", cfg, 16, dtype=torch.bfloat16)
+    middle = sorted([r for r in proj_runs if 2 <= r[0] <= 9] for proj_runs in runs)
+    assert middle == [[list(range(2, 7)), [7], [8, 9]], [list(range(2, 10))]]  # q, down
+    for proj in layers_of:
+        ref = reference(tensors, proj, torch.bfloat16, layers_of=layers_of, cfg=cfg,
+                        alpha_of=alpha_of)
+        assert same_bits(ad.weights[proj][0], ref[0]) and same_bits(ad.weights[proj][1], ref[1])
 
 
 def test_rslora_scales(tmp_path):
