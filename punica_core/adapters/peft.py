@@ -7,16 +7,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import stat
 import struct
-import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +18,11 @@ import torch
 
 from ..errors import AdapterError
 from ..model.config import PROJECTIONS, ModelConfig
+from .stacking import check_finite, stack_projection
+from .weights_reader import Alloc, ReadBuffers, lease_buffers, read_weights_file
+
+__all__ = ["LoraAdapter", "AdapterPlan", "ReadBuffers", "parse_adapter", "inspect_adapter",
+           "read_adapter_files", "read_weights_file", "validate_name"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,126 +66,6 @@ def validate_name(name: str) -> str:
 
 
 # ---- reading the two files from a folder, a zip, or memory ---------------------------------
-
-# a weights file this big is read by several threads, each READ_CHUNK_BYTES at a time
-PARALLEL_READ_BYTES = 8 << 20
-READ_CHUNK_BYTES = 4 << 20
-READ_THREADS = 8
-Alloc = Callable[[int], torch.Tensor]       # size -> uint8 buffer of that size
-
-
-def _new_buffer(size: int) -> torch.Tensor:
-    # torch.empty, not bytearray: a bytearray is zero-filled by one thread, which faults in
-    # all its pages before the read starts
-    return torch.empty(size, dtype=torch.uint8)
-
-
-class ReadBuffers:
-    """Read buffers kept for reuse between loads. A fresh 80 MB buffer costs some 20k page
-    faults, which take longer than copying the file from the page cache (warm, 8 threads:
-    14 ms fresh vs 4 ms reused on the 16-core H200 host). Bytes read through a lease must not
-    be used after it ends."""
-
-    def __init__(self, keep_bytes: int = 256 << 20, granule: int = 4 << 20):
-        self.keep_bytes = keep_bytes
-        self.granule = granule              # sizes round up to this, so near sizes share
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def lease(self) -> Iterator[Alloc]:
-        taken: list[torch.Tensor] = []
-
-        def alloc(size: int) -> torch.Tensor:
-            taken.append(self._take(size))
-            return taken[-1][:size]
-        try:
-            yield alloc
-        finally:
-            for buf in taken:
-                self._give(buf)
-
-    def kept_bytes(self) -> int:
-        with self._lock:
-            return sum(b.numel() for b in self._free)
-
-    def _take(self, size: int) -> torch.Tensor:
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.numel() >= size]
-            if fits:    # by index: list.remove would compare tensors elementwise
-                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        return _new_buffer(-(-max(size, 1) // self.granule) * self.granule)
-
-    def _give(self, buf: torch.Tensor) -> None:
-        with self._lock:
-            if sum(b.numel() for b in self._free) + buf.numel() <= self.keep_bytes:
-                self._free.append(buf)
-
-
-@contextmanager
-def _lease(buffers: ReadBuffers | None) -> Iterator[Alloc]:
-    if buffers is None:
-        yield _new_buffer
-    else:
-        with buffers.lease() as alloc:
-            yield alloc
-
-
-def read_weights_file(path: Path, max_bytes: int, alloc: Alloc | None = None) -> memoryview:
-    """The file's bytes, in one buffer from alloc (a fresh one by default). A big file is read
-    by several threads (pread releases the GIL): a cold read gains queue depth, a warm one
-    faults in a fresh buffer's pages in parallel. Refuses a symbolic link, anything but a
-    regular file, a file over max_bytes, and one that changes size while it is read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        if os.path.islink(path):
-            raise AdapterError(f"{path}: symbolic links are not followed") from None
-        raise AdapterError(f"{path}: cannot be read ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise AdapterError(f"{path}: not a regular file")
-        if st.st_size > max_bytes:
-            raise AdapterError(f"{path}: {st.st_size} bytes, over the {max_bytes}-byte limit")
-        view = memoryview((alloc or _new_buffer)(st.st_size).numpy())
-        _read_into(fd, view, str(path))
-        if os.fstat(fd).st_size != st.st_size:
-            raise AdapterError(f"{path}: changed size while it was read")
-        return view
-    finally:
-        os.close(fd)
-
-
-def _read_into(fd: int, view: memoryview, label: str) -> None:
-    """Fills view with the file's first len(view) bytes; a file that ends sooner is refused."""
-    size = len(view)
-    chunks = [(lo, min(lo + READ_CHUNK_BYTES, size)) for lo in range(0, size, READ_CHUNK_BYTES)]
-
-    def read(chunk: tuple[int, int]) -> None:
-        lo, hi = chunk
-        while lo < hi:          # pread may return less than asked: go on until hi or EOF
-            n = _pread_into(fd, view[lo:hi], lo)
-            if n == 0:
-                raise AdapterError(f"{label}: truncated while it was read")
-            lo += n
-    if size < PARALLEL_READ_BYTES or len(chunks) == 1:
-        for c in chunks:
-            read(c)
-        return
-    with ThreadPoolExecutor(min(READ_THREADS, len(chunks)),
-                            thread_name_prefix="adapter-read") as ex:
-        list(ex.map(read, chunks))
-
-
-def _pread_into(fd: int, dst: memoryview, offset: int) -> int:
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [dst], offset)
-    data = os.pread(fd, len(dst), offset)      # no preadv (macOS < 11): one extra copy
-    dst[:len(data)] = data
-    return len(data)
-
 
 def _read_folder(folder: Path, max_bytes: int,
                  alloc: Alloc | None = None) -> tuple[bytes, memoryview]:
@@ -440,20 +319,6 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-# dtype -> (same-size int, exponent bits): a float is NaN or inf iff its exponent bits are all set
-_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
-                  torch.bfloat16: (torch.int16, 0x7F80)}
-
-
-def _finite_layers(w: torch.Tensor) -> torch.Tensor:
-    """[layers] bool: no NaN or inf in w[layer]. Reads the exponent bits, which is several
-    times faster than torch.isfinite on bf16 tensors on the CPU."""
-    if w.dtype not in _EXPONENT_BITS:
-        return torch.isfinite(w).flatten(1).all(1)
-    int_type, bits = _EXPONENT_BITS[w.dtype]
-    return ((w.view(int_type).flatten(1) & bits) != bits).all(1)
-
-
 def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
                   max_bytes: int = 512 << 20, dtype: torch.dtype = torch.float32,
                   pin_memory: bool = False, buffers: ReadBuffers | None = None) -> LoraAdapter:
@@ -575,17 +440,17 @@ def inspect_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
 
 def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin,
                    buffers=None) -> LoraAdapter:
-    with _lease(buffers) as alloc:
+    with lease_buffers(buffers) as alloc:
         raw_cfg, blob, label = read_adapter_files(source, max_bytes, alloc)
         plan = _plan(name, raw_cfg, blob, label, model_cfg, max_rank)
         where = f"{label}/{WEIGHTS_NAME}"
         tensors = _tensor_views(blob, plan.header)
         weights = {}
         for proj, items in plan.per_proj.items():
-            A, B = _stack(model_cfg, proj, [(layer, tensors[ka], tensors[kb], scale)
+            A, B = stack_projection(model_cfg, proj, [(layer, tensors[ka], tensors[kb], scale)
                                             for layer, ka, kb, _, scale in items], blob,
                           dtype, pin)
-            _check_finite(A, B, where, proj)
+            check_finite(A, B, where, proj)
             weights[proj] = (A, B)
         nbytes = len(blob)
         del tensors, blob           # views of the read buffer, which the lease takes back
@@ -593,112 +458,3 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin,
     return LoraAdapter(name=name, source=label, rank=max(A.shape[1] for A, _ in weights.values()),
                        alpha=plan.alpha, use_rslora=plan.use_rslora, targets=targets,
                        weights=weights, nbytes=nbytes, base_model=plan.base_model)
-
-
-def _stack(model_cfg: ModelConfig, proj: str, items, blob, dtype: torch.dtype,
-           pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """items: [(layer, a [r, in], b [out, r], scale)], views of blob -> (A [layers, r_max, in],
-    B [layers, r_max, out]) with B = b.t() * scale. Every element is written once: the
-    layers and rank rows the adapter lacks are zeroed, the rest are copied over, a run of
-    layers at a time."""
-    r_max = max(a.shape[0] for _, a, _, _ in items)
-    fan_in, fan_out = model_cfg.proj_shapes[proj]
-    layers = model_cfg.num_layers
-    A = torch.empty(layers, r_max, fan_in, dtype=dtype, pin_memory=pin)
-    B = torch.empty(layers, r_max, fan_out, dtype=dtype, pin_memory=pin)
-    touched = [False] * layers
-    for run in _layer_runs(items):
-        lo, hi, r, scale = run[0][0], run[-1][0] + 1, run[0][1].shape[0], run[0][3]
-        A[lo:hi, :r].copy_(_run_view(blob, run, 1))         # a converting copy
-        _scaled_t(_run_view(blob, run, 2), scale, out=B[lo:hi, :r])
-        if r < r_max:
-            A[lo:hi, r:].zero_()
-            B[lo:hi, r:].zero_()
-        touched[lo:hi] = [True] * (hi - lo)
-    for lo, hi in _spans([not t for t in touched]):
-        A[lo:hi].zero_()
-        B[lo:hi].zero_()
-    return A, B
-
-
-def _layer_runs(items: list) -> list[list]:
-    """items (by layer) in runs of consecutive layers with one rank, dtype and scale, whose a
-    (and b) tensors lie at one byte stride in the file: each run is copied by one strided op
-    instead of one per layer (fewer, bigger ops: 7B r16 on 16 cores, 35 -> 16 ms). PEFT's
-    files (sorted by key) hold layers 0-1, 2-3, 4-9, 10-19, 20-29, ... so; any other order
-    only makes more runs."""
-    runs = [[items[0]]]
-    for item in items[1:]:
-        if _extends(runs[-1], item):
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
-
-
-def _extends(run: list, item) -> bool:
-    layer, a, b, scale = item
-    last_layer, last_a, last_b, last_scale = run[-1]
-    if (layer != last_layer + 1 or scale != last_scale or a.shape != last_a.shape
-            or a.dtype != last_a.dtype or b.dtype != last_b.dtype):
-        return False
-    step = (a.data_ptr() - last_a.data_ptr(), b.data_ptr() - last_b.data_ptr())
-    if len(run) > 1:
-        return step == (run[1][1].data_ptr() - run[0][1].data_ptr(),
-                        run[1][2].data_ptr() - run[0][2].data_ptr())
-    return step[0] > 0 and step[1] > 0 and step[0] % a.itemsize == 0 \
-        and step[1] % b.itemsize == 0
-
-
-def _run_view(blob, run: list, which: int) -> torch.Tensor:
-    """[layers of run, *shape]: the run's a (which=1) or b (2) tensors as one strided view of
-    blob. It addresses only their bytes, which _check_header placed inside the file."""
-    first = run[0][which]
-    if len(run) == 1:
-        return first.unsqueeze(0)
-    step = (run[1][which].data_ptr() - first.data_ptr()) // first.itemsize
-    offset = first.data_ptr() - _base_ptr(blob)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # "buffer is not writable": nothing writes to it
-        flat = torch.frombuffer(blob, dtype=first.dtype, offset=offset,
-                                count=(len(run) - 1) * step + first.numel())
-    return flat.as_strided((len(run), *first.shape), (step, *first.stride()))
-
-
-def _base_ptr(blob) -> int:
-    """Address of blob's first byte (blob holds at least the 8-byte header length)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.frombuffer(blob, dtype=torch.uint8, count=1).data_ptr()
-
-
-def _scaled_t(b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
-    """out = b.mT * scale (b: [..., out, r]), computed in float32 (or wider) and rounded once
-    to out's dtype. One op reading b transposed: faster than copy_ (a blocked transpose for
-    2-D) then mul_."""
-    if b.dtype not in (out.dtype, torch.float32):
-        b = b.float()       # a bf16 * s product would be rounded to bf16 before the cast
-    torch.mul(b.mT, scale, out=out)
-
-
-def _spans(flags: list[bool]) -> Iterator[tuple[int, int]]:
-    """[lo, hi) of each run of True in flags."""
-    lo = None
-    for i, f in enumerate(flags + [False]):
-        if f and lo is None:
-            lo = i
-        elif not f and lo is not None:
-            yield lo, i
-            lo = None
-
-
-def _check_finite(A: torch.Tensor, B: torch.Tensor, where: str, proj: str) -> None:
-    """Refuses NaN / inf in A or B, naming the first such layer. A NaN or inf term makes the
-    sum NaN or inf; finite terms do so only by overflow. So a finite sum passes at once (10x
-    faster than the per-layer check), and any other sum falls back to the exact check."""
-    if all(bool(torch.isfinite(w.sum())) for w in (A, B)):
-        return
-    finite = _finite_layers(A) & _finite_layers(B)
-    if not finite.all():
-        layer = int((~finite).nonzero()[0])
-        raise AdapterError(f"{where}: layer {layer} {proj}: weights contain NaN or inf")

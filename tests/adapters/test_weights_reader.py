@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from punica_core import AdapterError
-from punica_core.adapters import peft
-from punica_core.adapters.peft import ReadBuffers, read_weights_file
+from punica_core.adapters import peft, weights_reader
+from punica_core.adapters.weights_reader import ReadBuffers, read_weights_file
 from punica_core.model.config import ModelConfig
 
 CHUNK = 4096
@@ -23,8 +23,8 @@ def cfg(default_dir) -> ModelConfig:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks and the threading threshold scaled down, so small files take the threaded path."""
-    monkeypatch.setattr(peft, "READ_CHUNK_BYTES", CHUNK)
-    monkeypatch.setattr(peft, "PARALLEL_READ_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(weights_reader, "READ_CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(weights_reader, "PARALLEL_READ_BYTES", 2 * CHUNK)
 
 
 def write(path, size, seed=0):
@@ -42,27 +42,27 @@ def test_threaded_read_returns_the_file_bytes(tmp_path, small_chunks, size):
 
 
 def test_big_file_with_default_chunks(tmp_path):
-    size = peft.PARALLEL_READ_BYTES + peft.READ_CHUNK_BYTES // 2 + 3   # threaded, ragged end
+    size = weights_reader.PARALLEL_READ_BYTES + weights_reader.READ_CHUNK_BYTES // 2 + 3   # threaded, ragged end
     data = write(tmp_path / "w", size)
     assert bytes(read_weights_file(tmp_path / "w", max_bytes=size)) == data
 
 
 def test_short_preads_are_continued(tmp_path, small_chunks, monkeypatch):
     data = write(tmp_path / "w", 5 * CHUNK + 17)
-    real = peft._pread_into
-    monkeypatch.setattr(peft, "_pread_into", lambda fd, dst, off: real(fd, dst[:1000], off))
+    real = weights_reader._pread_into
+    monkeypatch.setattr(weights_reader, "_pread_into", lambda fd, dst, off: real(fd, dst[:1000], off))
     assert bytes(read_weights_file(tmp_path / "w", max_bytes=1 << 20)) == data
 
 
 def test_file_truncated_while_read_is_refused(tmp_path, small_chunks, monkeypatch):
     path = tmp_path / "w"
     write(path, 6 * CHUNK)
-    real = peft._pread_into
+    real = weights_reader._pread_into
 
     def shrinking(fd, dst, off):
         os.truncate(path, CHUNK)            # after the size was taken
         return real(fd, dst, off)
-    monkeypatch.setattr(peft, "_pread_into", shrinking)
+    monkeypatch.setattr(weights_reader, "_pread_into", shrinking)
     with pytest.raises(AdapterError, match="truncated while it was read"):
         read_weights_file(path, max_bytes=1 << 20)
 
@@ -70,13 +70,13 @@ def test_file_truncated_while_read_is_refused(tmp_path, small_chunks, monkeypatc
 def test_file_grown_while_read_is_refused(tmp_path, small_chunks, monkeypatch):
     path = tmp_path / "w"
     write(path, 3 * CHUNK)
-    real = peft._pread_into
+    real = weights_reader._pread_into
 
     def growing(fd, dst, off):
         with open(path, "ab") as f:
             f.write(b"x")
         return real(fd, dst, off)
-    monkeypatch.setattr(peft, "_pread_into", growing)
+    monkeypatch.setattr(weights_reader, "_pread_into", growing)
     with pytest.raises(AdapterError, match="changed size"):
         read_weights_file(path, max_bytes=1 << 20)
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from punica_core import AdapterError
-from punica_core.adapters import peft
+from punica_core.adapters import stacking
 from punica_core.adapters.peft import ReadBuffers, parse_adapter
 from punica_core.model.config import NAMED_SHAPES
 
@@ -102,12 +102,12 @@ def test_runs_of_layers_copied_at_once_match_reference(tmp_path, file_dtype, mon
         return RANK, 3 if (layer, proj) == (7, "q_proj") else ALPHA
     tensors = make_adapter(tmp_path / "a", file_dtype, config=config, layers_of=layers_of,
                            cfg=cfg, alpha_of=alpha_of)
-    runs, real = [], peft._layer_runs
+    runs, real = [], stacking._layer_runs
 
     def recorded(items):
         runs.append([[layer for layer, *_ in run] for run in real(items)])
         return real(items)
-    monkeypatch.setattr(peft, "_layer_runs", recorded)
+    monkeypatch.setattr(stacking, "_layer_runs", recorded)
     ad = parse_adapter("a", tmp_path / "a", cfg, 16, dtype=torch.bfloat16)
     middle = sorted([r for r in proj_runs if 2 <= r[0] <= 9] for proj_runs in runs)
     assert middle == [[list(range(2, 7)), [7], [8, 9]], [list(range(2, 10))]]  # q, down
