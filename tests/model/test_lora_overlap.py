@@ -1,6 +1,7 @@
 """lora_overlap's delta path (start -> delta buffer -> finish hands it to the consumer op,
 which adds it) against the plain in-place order, on the CPU (no side stream: the same math,
 run in sequence)."""
+import pytest
 import torch
 
 from helpers import run_to_completion
@@ -58,13 +59,15 @@ def test_overlap_context_computes_the_delta_into_its_own_buffer(make_engine, par
     assert plain.finish(got, x, 0, site, None) is None and torch.allclose(got, want, atol=1e-6)
 
 
-def test_delta_store_overwrites_whatever_the_buffer_held(make_engine, parity_adapters):
+@pytest.mark.parametrize("adapter", ["r8_all", "r4_qv"])   # q/k/v all active, or k not
+def test_delta_store_overwrites_whatever_the_buffer_held(make_engine, parity_adapters, adapter):
     """accumulate=False (the delta buffer's mode): the site's windows end up equal to the
-    delta alone, rows without an adapter zero, even when the buffer held garbage."""
+    delta alone, rows without an adapter and projections no adapter targets zero, even when the
+    buffer held garbage."""
     from punica_core.engine.layout import LoraSegments
     from punica_core.model.lora import LoraContext
     e = make_engine()
-    e.register_adapter("a", parity_adapters["r8_all"])
+    e.register_adapter("a", parity_adapters[adapter])
     slot = e.pool.load(e.store.get_cached("a"))
     seg = LoraSegments(indptr=[0, 1, 3], slot_ids=[-1, slot],
                        indptr_t=torch.tensor([0, 1, 3], dtype=torch.int32),
@@ -72,10 +75,19 @@ def test_delta_store_overwrites_whatever_the_buffer_held(make_engine, parity_ada
     ctx = LoraContext(e.pool, seg, 3, e.model.dtype, e.model.device)
     cfg = e.model.cfg
     x = torch.randn(3, cfg.hidden_size)
-    width = cfg.q_size + 2 * cfg.num_kv_heads * cfg.head_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    width = cfg.q_size + 2 * kv
     want = torch.zeros(3, width)
     ctx.apply(want, x, 0, ("q_proj", "k_proj", "v_proj"))
     got = torch.full((3, width), float("nan"))
     ctx.apply(got, x, 0, ("q_proj", "k_proj", "v_proj"), accumulate=False)
     assert torch.equal(got, want) and torch.equal(got[0], torch.zeros(width))
     assert want[1:].abs().sum() > 0
+    k_window = got[:, cfg.q_size:cfg.q_size + kv]
+    assert (k_window.abs().sum() > 0) == (adapter == "r8_all")
+
+
+def test_overlap_defaults_to_cuda_only(make_engine):
+    """None (the default) resolves to on for CUDA, off on the CPU; an explicit value wins."""
+    assert make_engine().runner.lora_overlap is False
+    assert make_engine(lora_overlap=True).runner.lora_overlap is True
