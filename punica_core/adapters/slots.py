@@ -117,7 +117,9 @@ class SlotPool:
             w.a[slot, :, r:].zero_()
             w.b[slot, :, r:].zero_()
             w.ranks_list[slot] = r
-            w.ranks[slot] = r
+            # fill_, not `ranks[slot] = r`: on CUDA that setitem copies a pageable host scalar,
+            # which first waits for all the work queued on the stream (here: the copies above)
+            w.ranks[slot].fill_(r)
 
     def _free_slot(self, keep: set[str]) -> int | None:
         for s in range(self.num_slots):
@@ -139,7 +141,7 @@ class SlotPool:
         self._pending.pop(slot, None)
         for w in self.weights.values():
             w.ranks_list[slot] = 0
-            w.ranks[slot] = 0
+            w.ranks[slot].fill_(0)    # no host wait for the compute stream (see _copy)
 
     def evict(self, name: str) -> None:
         """Drops an adapter from the device; refused while a running request uses it."""
