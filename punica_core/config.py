@@ -32,6 +32,10 @@ class EngineConfig:
                                     # (model/lora.py); None: on for CUDA (measured faster:
                                     # benchmarks/results/engine_gpu_h200_7b.json), off on CPU
     host_cache_adapters: int = 64   # parsed adapters kept in host memory
+    adapter_device_stacking: bool = False   # experimental: adapters read in the background
+                                    # (lazy, or re-read after the host cache dropped them) are
+                                    # kept as file bytes and stacked / checked on the device at
+                                    # slot load (adapters/slots.py); registration still parses
     max_adapter_bytes: int = 512 << 20
     seed: int = 0
     metrics_window: int = 4096

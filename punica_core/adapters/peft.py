@@ -21,8 +21,9 @@ from ..model.config import PROJECTIONS, ModelConfig
 from .stacking import check_finite, stack_projection
 from .weights_reader import Alloc, ReadBuffers, lease_buffers, read_weights_file
 
-__all__ = ["LoraAdapter", "AdapterPlan", "ReadBuffers", "parse_adapter", "inspect_adapter",
-           "read_adapter_files", "read_weights_file", "validate_name"]
+__all__ = ["LoraAdapter", "RawWeights", "AdapterPlan", "ReadBuffers", "parse_adapter",
+           "inspect_adapter", "read_raw_adapter", "read_adapter_files", "read_weights_file",
+           "validate_name"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,11 +39,24 @@ _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
 @dataclass
+class RawWeights:
+    """An adapter's weights file as read, for stacking on the device at slot load
+    (`read_raw_adapter`): the copy, the transpose, the scaling and the NaN / inf check run
+    there instead of on the host."""
+    blob: torch.Tensor              # uint8 [file bytes] (pinned on CUDA hosts)
+    header: dict                    # checked by _check_header
+    data_start: int                 # 8 + header length
+    per_proj: dict[str, list[tuple[int, str, str, int, float]]]    # AdapterPlan.per_proj
+    where: str                      # the weights file, for error messages
+
+
+@dataclass
 class LoraAdapter:
     """A validated adapter on the host, scaling folded into B.
 
     weights[proj] = (a [layers, r, in], b [layers, r, out]) in the dtype asked for (the store
-    asks for the slot pool's); layers the adapter does not touch are zero.
+    asks for the slot pool's); layers the adapter does not touch are zero. Or, with `raw`
+    set, weights is empty and the file's bytes are stacked into the slot on the device.
     """
     name: str
     source: str
@@ -53,8 +67,11 @@ class LoraAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     nbytes: int = 0                 # bytes of real (unpadded) weights, as stored in the file
     base_model: str | None = None
+    raw: RawWeights | None = field(default=None, repr=False)
 
     def rank_of(self, proj: str) -> int:
+        if self.raw is not None:
+            return max((r for _, _, _, r, _ in self.raw.per_proj.get(proj, ())), default=0)
         return self.weights[proj][0].shape[1] if proj in self.weights else 0
 
 
@@ -435,6 +452,34 @@ def inspect_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
     except AdapterError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError) as e:
+        raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
+
+
+def read_raw_adapter(name: str, folder, model_cfg: ModelConfig, max_rank: int,
+                     max_bytes: int = 512 << 20, pin_memory: bool = False) -> LoraAdapter:
+    """An adapter folder read for stacking on the device: the config and header checked as by
+    parse_adapter, the weights file read into one (pinned, if asked) buffer that the adapter
+    keeps. The weight values are checked when a slot load stacks them (SlotPool)."""
+    try:
+        folder = Path(folder).expanduser()
+        _check_folder(folder, max_bytes)
+        kept = []
+
+        def alloc(size: int) -> torch.Tensor:
+            kept.append(torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory))
+            return kept[-1]
+        raw_cfg = (folder / CONFIG_NAME).read_bytes()
+        view = read_weights_file(folder / WEIGHTS_NAME, max_bytes, alloc)
+        plan = _plan(name, raw_cfg, view, str(folder), model_cfg, max_rank)
+        raw = RawWeights(kept[0], plan.header, 8 + struct.unpack("<Q", view[:8])[0],
+                         plan.per_proj, f"{folder}/{WEIGHTS_NAME}")
+        return LoraAdapter(name=name, source=str(folder), rank=plan.rank, alpha=plan.alpha,
+                           use_rslora=plan.use_rslora, targets=plan.targets, weights={},
+                           nbytes=len(view), base_model=plan.base_model, raw=raw)
+    except AdapterError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError,
+            RuntimeError) as e:
         raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
 
 

@@ -13,6 +13,7 @@ import torch
 from ..errors import AdapterInUseError
 from ..model.config import PROJECTIONS, ModelConfig
 from .peft import LoraAdapter
+from .stacking import finite_layers, stack_into, tensor_views
 
 
 @dataclass
@@ -42,6 +43,11 @@ class SlotPool:
         self._refs = [0] * num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()   # unused resident slots, oldest first
         self._pending: dict[int, object] = {}               # slot -> CUDA event of its copy
+        # slots stacked on the device (adapter.raw): slot -> the "all finite" flag, read
+        # once the copy is done; a failed check frees the slot and calls on_failure
+        self._checks: dict[int, torch.Tensor] = {}
+        self._where: dict[int, str] = {}
+        self.on_failure = None      # (name, message) -> None; the scheduler sets the store's
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.evictions = 0
         self.loads = 0
@@ -59,11 +65,35 @@ class SlotPool:
 
     def is_ready(self, slot: int) -> bool:
         event = self._pending.get(slot)
-        if event is None:
-            return True
-        if event.query():
+        if event is not None:
+            if not event.query():
+                return False
             del self._pending[slot]
+        flag = self._checks.pop(slot, None)
+        if flag is not None and not bool(flag):     # the copy is done: no wait to read it
+            return self._verify(slot)
+        return True
+
+    def _verify(self, slot: int) -> bool:
+        """A stacked slot's sums were not finite: the exact per-layer check. NaN / inf found:
+        named as the host parse does, the slot freed and the store told (its requests fail
+        with this message); False. Only an overflowing sum of finite weights: True."""
+        name = self._name_of[slot]
+        bad = None
+        for p, w in self.weights.items():
+            r = w.ranks_list[slot]
+            if r:
+                finite = finite_layers(w.a[slot, :, :r]) & finite_layers(w.b[slot, :, :r])
+                if not bool(finite.all()):
+                    bad = f"layer {int((~finite).nonzero()[0])} {p}"
+                    break
+        if bad is None:
             return True
+        message = f"{self._where.get(slot, name)}: {bad}: weights contain NaN or inf"
+        self._lru.pop(slot, None)
+        self._forget(slot)
+        if self.on_failure is not None:
+            self.on_failure(name, message)
         return False
 
     def acquire(self, slot: int) -> None:
@@ -106,6 +136,9 @@ class SlotPool:
         return slot
 
     def _copy(self, slot: int, adapter: LoraAdapter) -> None:
+        if adapter.raw is not None:
+            self._stack_raw(slot, adapter)
+            return
         for p, w in self.weights.items():
             r = adapter.rank_of(p)
             if r:
@@ -120,6 +153,35 @@ class SlotPool:
             # fill_, not `ranks[slot] = r`: on CUDA that setitem copies a pageable host scalar,
             # which first waits for all the work queued on the stream (here: the copies above)
             w.ranks[slot].fill_(r)
+
+    def _stack_raw(self, slot: int, adapter: LoraAdapter) -> None:
+        """The file's bytes to the device, then stacked into the slot there (the transpose and
+        scaling at device bandwidth; the host only read the file) and checked for NaN / inf
+        into a flag that is_ready reads once the copy is done."""
+        raw = adapter.raw
+        blob = raw.blob.to(self.device, non_blocking=True)
+        views = tensor_views(blob, raw.header, raw.data_start)
+        sums = []
+        for p, w in self.weights.items():
+            items = raw.per_proj.get(p)
+            r = adapter.rank_of(p)
+            if items:
+                stack_into(w.a[slot], w.b[slot], [(layer, views[ka], views[kb], scale)
+                                                  for layer, ka, kb, _, scale in items], blob)
+                sums += [w.a[slot, :, :r].sum(dtype=torch.float32),
+                         w.b[slot, :, :r].sum(dtype=torch.float32)]
+            else:
+                w.a[slot].zero_()
+                w.b[slot].zero_()
+            w.ranks_list[slot] = r
+            w.ranks[slot].fill_(r)      # see _copy
+        # a NaN or inf makes its sum NaN or inf; finite values only by overflow (which the
+        # exact check in _verify then lets pass)
+        finite = torch.isfinite(torch.stack(sums)).all() if sums else torch.ones((), dtype=bool)
+        flag = torch.empty((), dtype=torch.bool, pin_memory=self.device.type == "cuda")
+        flag.copy_(finite, non_blocking=True)
+        self._checks[slot] = flag
+        self._where[slot] = raw.where
 
     def _free_slot(self, keep: set[str]) -> int | None:
         for s in range(self.num_slots):
@@ -139,6 +201,8 @@ class SlotPool:
             del self._slot_of[name]
         self._name_of[slot] = None
         self._pending.pop(slot, None)
+        self._checks.pop(slot, None)
+        self._where.pop(slot, None)
         for w in self.weights.values():
             w.ranks_list[slot] = 0
             w.ranks[slot].fill_(0)    # no host wait for the compute stream (see _copy)

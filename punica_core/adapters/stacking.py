@@ -27,16 +27,24 @@ def finite_layers(w: torch.Tensor) -> torch.Tensor:
 
 
 def stack_projection(model_cfg: ModelConfig, proj: str, items, blob, dtype: torch.dtype,
-           pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """items: [(layer, a [r, in], b [out, r], scale)], views of blob -> (A [layers, r_max, in],
-    B [layers, r_max, out]) with B = b.t() * scale. Every element is written once: the
-    layers and rank rows the adapter lacks are zeroed, the rest are copied over, a run of
-    layers at a time."""
+    B [layers, r_max, out]) with B = b.t() * scale, new host tensors (pinned if asked)."""
     r_max = max(a.shape[0] for _, a, _, _ in items)
     fan_in, fan_out = model_cfg.proj_shapes[proj]
     layers = model_cfg.num_layers
     A = torch.empty(layers, r_max, fan_in, dtype=dtype, pin_memory=pin)
     B = torch.empty(layers, r_max, fan_out, dtype=dtype, pin_memory=pin)
+    stack_into(A, B, items, blob)
+    return A, B
+
+
+def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob) -> None:
+    """Writes items (see stack_projection) into A [layers, R, in] and B [layers, R, out]
+    (R >= every item's rank; a device slot, or new host tensors): every element once, the
+    layers and rank rows the adapter lacks zeroed, the rest copied a run of layers at a time.
+    blob: the file's bytes (bytes / memoryview), or a uint8 tensor on the items' device."""
+    layers, r_max = A.shape[0], A.shape[1]
     touched = [False] * layers
     for run in _layer_runs(items):
         lo, hi, r, scale = run[0][0], run[-1][0] + 1, run[0][1].shape[0], run[0][3]
@@ -49,7 +57,28 @@ def stack_projection(model_cfg: ModelConfig, proj: str, items, blob, dtype: torc
     for lo, hi in _spans([not t for t in touched]):
         A[lo:hi].zero_()
         B[lo:hi].zero_()
-    return A, B
+
+
+def tensor_views(blob: torch.Tensor, header: dict, data_start: int) -> dict[str, torch.Tensor]:
+    """The file's tensors as views of blob, a uint8 tensor of the whole file (e.g. copied to
+    the GPU); data_start = 8 + header length. `header` was checked by _check_header. A tensor
+    whose bytes are not aligned to its element size (rare: safetensors writers pad the
+    header) gets an aligned copy."""
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _TORCH_DTYPES[meta["dtype"]]
+        start, end = (data_start + o for o in meta["data_offsets"])
+        raw = blob[start:end]
+        if start % dtype.itemsize:
+            raw = raw.clone()
+        out[key] = raw.view(dtype).view(meta["shape"])
+    return out
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F64": torch.float64}
 
 
 def _layer_runs(items: list) -> list[list]:
@@ -88,11 +117,15 @@ def _run_view(blob, run: list, which: int) -> torch.Tensor:
     if len(run) == 1:
         return first.unsqueeze(0)
     step = (run[1][which].data_ptr() - first.data_ptr()) // first.itemsize
-    offset = first.data_ptr() - _base_ptr(blob)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # "buffer is not writable": nothing writes to it
-        flat = torch.frombuffer(blob, dtype=first.dtype, offset=offset,
-                                count=(len(run) - 1) * step + first.numel())
+    count = (len(run) - 1) * step + first.numel()
+    if isinstance(blob, torch.Tensor):
+        offset = first.data_ptr() - blob.data_ptr()
+        flat = blob[offset:offset + count * first.itemsize].view(first.dtype)
+    else:
+        offset = first.data_ptr() - _base_ptr(blob)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # "buffer is not writable": nothing writes to it
+            flat = torch.frombuffer(blob, dtype=first.dtype, offset=offset, count=count)
     return flat.as_strided((len(run), *first.shape), (step, *first.stride()))
 
 

@@ -13,12 +13,14 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..errors import AdapterError, UnknownAdapterError
 from ..model.config import ModelConfig
-from .peft import LoraAdapter, ReadBuffers, inspect_adapter, parse_adapter, validate_name
+from .peft import (LoraAdapter, ReadBuffers, inspect_adapter, parse_adapter, read_raw_adapter,
+                   validate_name)
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,17 @@ class AdapterInfo:
 class AdapterStore:
     def __init__(self, model_cfg: ModelConfig, max_rank: int, host_cache_size: int = 64,
                  max_adapter_bytes: int = 512 << 20, pin_memory: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device_stacking: bool = False):
         self.model_cfg = model_cfg
         self.dtype = dtype              # the slot pool's: a load then copies without converting
         self.max_rank = max_rank
         self.host_cache_size = host_cache_size
         self.max_adapter_bytes = max_adapter_bytes
         self.pin_memory = pin_memory
+        # adapters read in the background (lazy ones, and re-reads after the host cache
+        # dropped them) keep the file's bytes; the slot load stacks and checks them on the
+        # device (peft.read_raw_adapter). Registration still parses and checks on the host.
+        self.device_stacking = device_stacking
         self._sources: dict[str, object] = {}
         self._info: dict[str, AdapterInfo] = {}
         self._cache: OrderedDict[str, LoraAdapter] = OrderedDict()
@@ -145,7 +151,7 @@ class AdapterStore:
 
     def _load_in_background(self, name: str, source) -> None:
         try:
-            adapter = self._parse(name, source)
+            adapter = self._parse(name, source, raw=self.device_stacking)
             with self._lock:
                 if name in self._sources:
                     self._put(name, adapter)
@@ -158,12 +164,15 @@ class AdapterStore:
             with self._lock:
                 self._loading.pop(name, None)
 
-    def _parse(self, name, source) -> LoraAdapter:
+    def _parse(self, name, source, raw: bool = False) -> LoraAdapter:
         if source is None:
             raise AdapterError(f"adapter {name!r} was uploaded and is no longer cached")
         pin = self.pin_memory and torch.cuda.is_available()
         t0 = time.perf_counter()
         try:
+            if raw and isinstance(source, (str, Path)) and Path(source).is_dir():
+                return read_raw_adapter(name, source, self.model_cfg, self.max_rank,
+                                        self.max_adapter_bytes, pin_memory=pin)
             return parse_adapter(name, source, self.model_cfg, self.max_rank,
                                  self.max_adapter_bytes, dtype=self.dtype, pin_memory=pin,
                                  buffers=self.read_buffers)
@@ -171,6 +180,14 @@ class AdapterStore:
             with self._lock:
                 self.parses += 1
                 self.parse_seconds += time.perf_counter() - t0
+
+    def mark_failed(self, name: str, message: str) -> None:
+        """A slot load found the adapter's weights bad (device stacking): its requests fail
+        with message (as when a background read fails), and it leaves the host cache."""
+        with self._lock:
+            self._errors[name] = message
+            self._cache.pop(name, None)
+            self._fresh.discard(name)
 
     def _put(self, name: str, adapter: LoraAdapter) -> None:
         self._cache[name] = adapter

@@ -34,6 +34,9 @@ class Scheduler:
     def __init__(self, cfg: EngineConfig, kv: KVCache, pool: SlotPool, store: AdapterStore,
                  max_model_len: int):
         self.cfg, self.kv, self.pool, self.store = cfg, kv, pool, store
+        # a slot stacked on the device that fails its NaN / inf check fails its requests
+        # like a bad read from disk: through the store's load_error
+        pool.on_failure = store.mark_failed
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

@@ -1,0 +1,125 @@
+"""Device stacking (EngineConfig.adapter_device_stacking): an adapter kept as its file's bytes
+(read_raw_adapter) and stacked into its slot by SlotPool gives the slot bit-identical weights
+to a host-parsed one; NaN / inf fails the slot load with the host parse's message, naming the
+layer; an overflowing sum of finite weights still loads. On the CPU here; on CUDA the same
+code runs on the device (the CUDA test at the end)."""
+import pytest
+import torch
+
+from punica_core.adapters.peft import parse_adapter, read_raw_adapter
+from punica_core.adapters.slots import SlotPool
+from test_stacking import CFG, DTYPES, key, make_adapter, same_bits
+
+
+def load_both(folder, dtype, device="cpu"):
+    pools = []
+    for adapter in (parse_adapter("a", folder, CFG, 16, dtype=dtype),
+                    read_raw_adapter("a", folder, CFG, 16)):
+        pool = SlotPool(CFG, 2, 16, dtype, device)
+        failures = []
+        pool.on_failure = lambda name, msg: failures.append((name, msg))
+        pool.load(read_raw_adapter("x", folder, CFG, 16))       # slot 0 holds something
+        slot = pool.load(adapter)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        pools.append((pool, slot, pool.is_ready(slot), failures))
+    return pools
+
+
+@pytest.mark.parametrize("file_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_raw_slot_equals_parsed_slot(tmp_path, file_dtype, dtype):
+    make_adapter(tmp_path / "a", file_dtype)
+    raw = read_raw_adapter("a", tmp_path / "a", CFG, 16)
+    assert raw.weights == {} and raw.rank_of("q_proj") == 8 and raw.rank_of("k_proj") == 0
+    (parsed, s1, ok1, _), (stacked, s2, ok2, fails) = load_both(tmp_path / "a", dtype)
+    assert ok1 and ok2 and not fails and s1 == s2 == 1
+    for p in parsed.weights:
+        wp, ws = parsed.weights[p], stacked.weights[p]
+        assert wp.ranks_list == ws.ranks_list and torch.equal(wp.ranks, ws.ranks)
+        assert same_bits(wp.a[1], ws.a[1]) and same_bits(wp.b[1], ws.b[1]), p
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_fails_the_slot_load_naming_the_layer(tmp_path, bad):
+    tensors = make_adapter(tmp_path / "a", torch.bfloat16)
+    tensors[key(4, "v_proj", "B")][3, 1] = bad
+    from safetensors.torch import save_file
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    pool = SlotPool(CFG, 1, 16, torch.bfloat16, "cpu")
+    failures = []
+    pool.on_failure = lambda name, msg: failures.append((name, msg))
+    slot = pool.load(read_raw_adapter("a", tmp_path / "a", CFG, 16))
+    assert not pool.is_ready(slot)
+    assert failures and failures[0][0] == "a" and "layer 4 v_proj" in failures[0][1] \
+        and "NaN or inf" in failures[0][1]
+    assert pool.lookup("a") is None and pool.snapshot()["resident"] == []
+
+
+def test_overflowing_sum_of_finite_weights_still_loads(tmp_path):
+    tensors = make_adapter(tmp_path / "a", torch.float32)
+    tensors[key(0, "q_proj", "A")][:, :4] = 3e38        # finite; their fp32 sum is inf
+    from safetensors.torch import save_file
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    pool = SlotPool(CFG, 1, 16, torch.float32, "cpu")
+    pool.on_failure = lambda name, msg: pytest.fail(msg)
+    slot = pool.load(read_raw_adapter("a", tmp_path / "a", CFG, 16))
+    assert pool.is_ready(slot) and pool.weights["q_proj"].a[slot, 0, 0, 0] == 3e38
+
+
+def test_engine_with_device_stacking_serves_the_same_tokens(make_engine, parity_adapters):
+    """Lazily registered adapters (read in the background as file bytes, stacked at slot
+    load) give the greedy tokens of host-parsed ones, with fewer slots than adapters."""
+    from helpers import run_to_completion
+    from punica_core import SamplingParams
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = []
+    for stacking in (False, True):
+        e = make_engine(adapter_device_stacking=stacking, max_adapters_on_gpu=2)
+        for name, path in parity_adapters.items():
+            e.register_adapter(name, path, lazy=True)
+        reqs = [e.add_request("Once upon a time", params, a) for a in [*parity_adapters, None]]
+        run_to_completion(e)
+        assert all(r.finish_reason == "length" for r in reqs), [r.error for r in reqs]
+        outs.append([r.output_ids for r in reqs])
+        if stacking:
+            assert all(ad.raw is not None for ad in e.store._cache.values())
+    assert outs[0] == outs[1]
+
+
+def test_engine_fails_only_the_bad_adapters_request(make_engine, parity_adapters, tmp_path):
+    from helpers import run_to_completion
+    from punica_core import SamplingParams
+    from safetensors.torch import load_file, save_file
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(parity_adapters["r8_all"], bad)
+    w = load_file(str(bad / "adapter_model.safetensors"))
+    k = next(k for k in sorted(w) if ".layers.1." in k and "o_proj.lora_A" in k)
+    w[k][0, 0] = float("nan")
+    save_file(w, str(bad / "adapter_model.safetensors"))
+    e = make_engine(adapter_device_stacking=True)
+    e.register_adapter("bad", bad, lazy=True)
+    e.register_adapter("good", parity_adapters["r4_qv"], lazy=True)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    rb, rg = e.add_request("Hi", params, "bad"), e.add_request("Hi", params, "good")
+    run_to_completion(e)
+    assert rg.finish_reason == "length" and len(rg.output_ids) == 6
+    assert rb.finish_reason == "error" and "layer 1 o_proj" in rb.error, rb.error
+    again = e.add_request("Hi", params, "bad")
+    run_to_completion(e)
+    assert again.finish_reason == "error"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("file_dtype", DTYPES, ids=str)
+def test_raw_slot_equals_parsed_slot_cuda(tmp_path, file_dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    make_adapter(tmp_path / "a", file_dtype)
+    (parsed, s1, ok1, _), (stacked, s2, ok2, fails) = load_both(tmp_path / "a", torch.bfloat16,
+                                                                 "cuda")
+    assert ok1 and ok2 and not fails
+    for p in parsed.weights:
+        assert torch.equal(parsed.weights[p].a[s1], stacked.weights[p].a[s2])
+        assert torch.equal(parsed.weights[p].b[s1], stacked.weights[p].b[s2])
