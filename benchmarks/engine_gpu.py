@@ -232,6 +232,9 @@ def main(argv=None):
                     help="EngineConfig.lora_overlap: each site's LoRA on a side stream "
                          "(auto: the engine's default, on for CUDA)")
     ap.add_argument("--many-adapters", type=int, default=0, help="N for the zipf case; 0: skip")
+    ap.add_argument("--device-stacking", action="store_true",
+                    help="EngineConfig.adapter_device_stacking: adapters read in the background "
+                         "are stacked on the device at slot load")
     ap.add_argument("--slots", type=int, default=32, help="device slots in the zipf case")
     ap.add_argument("--host-cache", type=int, default=64, help="host cache in the zipf case")
     ap.add_argument("--distinct-files", type=int, default=16, help="files behind the N names")
@@ -265,6 +268,8 @@ def main(argv=None):
                   max_lora_rank=args.rank, max_tokens_per_step=args.batch * args.prompt_len,
                   kv_cache_gb=args.kv_cache_gb or (8 if device.type == "cuda" else 0.25),
                   max_model_len=4096)
+    if args.device_stacking:
+        common["adapter_device_stacking"] = True
     if args.lora_overlap != "auto":
         common["lora_overlap"] = args.lora_overlap == "on"
     t0 = time.perf_counter()
