@@ -119,6 +119,10 @@ def _run_view(blob, run: list, which: int) -> torch.Tensor:
     step = (run[1][which].data_ptr() - first.data_ptr()) // first.itemsize
     count = (len(run) - 1) * step + first.numel()
     if isinstance(blob, torch.Tensor):
+        storage = blob.untyped_storage().data_ptr()
+        if any(t[which].untyped_storage().data_ptr() != storage for t in (run[0], run[-1])):
+            # an aligned copy (tensor_views) is not in blob: no stride to follow
+            return torch.stack([t[which] for t in run])
         offset = first.data_ptr() - blob.data_ptr()
         flat = blob[offset:offset + count * first.itemsize].view(first.dtype)
     else:
