@@ -11,6 +11,8 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,6 +338,21 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+# what reading or parsing an adapter may raise that we did not foresee
+_UNFORESEEN = (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError, RuntimeError)
+
+
+@contextmanager
+def _as_adapter_error(name: str) -> Iterator[None]:
+    """A safety net: whatever we did not foresee still ends as the adapter's own error."""
+    try:
+        yield
+    except AdapterError:
+        raise
+    except _UNFORESEEN as e:
+        raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
+
+
 def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
                   max_bytes: int = 512 << 20, dtype: torch.dtype = torch.float32,
                   pin_memory: bool = False, buffers: ReadBuffers | None = None) -> LoraAdapter:
@@ -343,15 +360,9 @@ def parse_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
     weights are made in `dtype` (the scaling is folded in float32 first), in pinned memory if
     asked, so that a slot load is one plain copy. buffers: where a folder's weights file is
     read into (a fresh buffer without)."""
-    try:
+    with _as_adapter_error(name):
         return _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin_memory,
                               buffers)
-    except AdapterError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError,
-            RuntimeError) as e:
-        # a safety net: whatever we did not foresee still ends as the adapter's own error
-        raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -443,16 +454,12 @@ def inspect_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
     """Checks an adapter folder without reading its weights: the config, the safetensors
     header (names, shapes, dtypes, offsets against the file size) and the fit to the base
     model. The weight values (NaN / inf) are checked when it is parsed."""
-    try:
+    with _as_adapter_error(name):
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise AdapterError(f"{folder}: lazy registration needs an adapter folder")
         raw_cfg, head, size = _read_folder_header(folder, max_bytes)
         return _plan(name, raw_cfg, head, str(folder), model_cfg, max_rank, file_len=size)
-    except AdapterError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError) as e:
-        raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
 
 
 def read_raw_adapter(name: str, folder, model_cfg: ModelConfig, max_rank: int,
@@ -460,7 +467,7 @@ def read_raw_adapter(name: str, folder, model_cfg: ModelConfig, max_rank: int,
     """An adapter folder read for stacking on the device: the config and header checked as by
     parse_adapter, the weights file read into one (pinned, if asked) buffer that the adapter
     keeps. The weight values are checked when a slot load stacks them (SlotPool)."""
-    try:
+    with _as_adapter_error(name):
         folder = Path(folder).expanduser()
         _check_folder(folder, max_bytes)
         kept = []
@@ -476,11 +483,6 @@ def read_raw_adapter(name: str, folder, model_cfg: ModelConfig, max_rank: int,
         return LoraAdapter(name=name, source=str(folder), rank=plan.rank, alpha=plan.alpha,
                            use_rslora=plan.use_rslora, targets=plan.targets, weights={},
                            nbytes=len(view), base_model=plan.base_model, raw=raw)
-    except AdapterError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError,
-            RuntimeError) as e:
-        raise AdapterError(f"adapter {name!r}: malformed ({type(e).__name__}: {e})") from None
 
 
 def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin,
