@@ -9,7 +9,6 @@ import json
 import math
 import re
 import struct
-import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import AdapterError
 from ..model.config import PROJECTIONS, ModelConfig
-from .stacking import check_finite, stack_projection
+from .stacking import byte_tensor, check_finite, stack_projection, tensor_views
 from .weights_reader import Alloc, ReadBuffers, lease_buffers, read_weights_file
 
 __all__ = ["LoraAdapter", "RawWeights", "AdapterPlan", "ReadBuffers", "parse_adapter",
@@ -306,31 +305,6 @@ def _check_header(blob: bytes | memoryview, label: str, max_tensor_elems: int,
     return header
 
 
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F64": torch.float64}
-
-
-def _tensor_views(blob: bytes | memoryview, header: dict) -> dict[str, torch.Tensor]:
-    """The file's tensors as read-only views of its bytes (no copy: the weights are copied
-    once, into the stacked layout). `header` was checked by _check_header: every tensor's
-    bytes lie inside the data and match its shape and dtype."""
-    base = 8 + struct.unpack("<Q", blob[:8])[0]
-    view = memoryview(blob)
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # "buffer is not writable": nothing writes to it
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _TORCH_DTYPES[meta["dtype"]]
-            start, end = meta["data_offsets"]
-            flat = torch.frombuffer(view, dtype=dtype, count=(end - start) // _ST_DTYPES[
-                meta["dtype"]], offset=base + start) if end > start else \
-                torch.empty(0, dtype=dtype)
-            out[key] = flat.view(meta["shape"])
-    return out
-
-
 def _pattern_value(patterns: dict, module: str, default):
     for key, val in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -379,6 +353,7 @@ class AdapterPlan:
     alpha: float
     use_rslora: bool
     base_model: str | None
+    data_start: int                 # where the tensor data begins: 8 + the header's length
 
     @property
     def rank(self) -> int:
@@ -446,7 +421,8 @@ def _plan(name: str, raw_cfg: bytes, head: bytes, label: str, model_cfg: ModelCo
         per_proj.setdefault(proj, []).append((layer, ab["A"], ab["B"], r, scale))
     return AdapterPlan(name, label, cfg, header, per_proj,
                        len(head) if file_len is None else file_len, alpha, rslora,
-                       cfg.get("base_model_name_or_path"))
+                       cfg.get("base_model_name_or_path"),
+                       8 + struct.unpack("<Q", head[:8])[0])
 
 
 def inspect_adapter(name: str, source, model_cfg: ModelConfig, max_rank: int,
@@ -478,8 +454,8 @@ def read_raw_adapter(name: str, folder, model_cfg: ModelConfig, max_rank: int,
         raw_cfg = (folder / CONFIG_NAME).read_bytes()
         view = read_weights_file(folder / WEIGHTS_NAME, max_bytes, alloc)
         plan = _plan(name, raw_cfg, view, str(folder), model_cfg, max_rank)
-        raw = RawWeights(kept[0], plan.header, 8 + struct.unpack("<Q", view[:8])[0],
-                         plan.per_proj, f"{folder}/{WEIGHTS_NAME}")
+        raw = RawWeights(kept[0], plan.header, plan.data_start, plan.per_proj,
+                         f"{folder}/{WEIGHTS_NAME}")
         return LoraAdapter(name=name, source=str(folder), rank=plan.rank, alpha=plan.alpha,
                            use_rslora=plan.use_rslora, targets=plan.targets, weights={},
                            nbytes=len(view), base_model=plan.base_model, raw=raw)
@@ -491,7 +467,9 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin,
         raw_cfg, blob, label = read_adapter_files(source, max_bytes, alloc)
         plan = _plan(name, raw_cfg, blob, label, model_cfg, max_rank)
         where = f"{label}/{WEIGHTS_NAME}"
-        tensors = _tensor_views(blob, plan.header)
+        nbytes = len(blob)
+        blob = byte_tensor(blob)
+        tensors = tensor_views(blob, plan.header, plan.data_start)   # no copy
         weights = {}
         for proj, items in plan.per_proj.items():
             A, B = stack_projection(model_cfg, proj, [(layer, tensors[ka], tensors[kb], scale)
@@ -499,7 +477,6 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin,
                           dtype, pin)
             check_finite(A, B, where, proj)
             weights[proj] = (A, B)
-        nbytes = len(blob)
         del tensors, blob           # views of the read buffer, which the lease takes back
     targets = tuple(p for p in PROJECTIONS if p in weights)
     return LoraAdapter(name=name, source=label, rank=max(A.shape[1] for A, _ in weights.values()),

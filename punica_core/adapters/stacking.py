@@ -43,7 +43,7 @@ def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob) -> None:
     """Writes items (see stack_projection) into A [layers, R, in] and B [layers, R, out]
     (R >= every item's rank; a device slot, or new host tensors): every element once, the
     layers and rank rows the adapter lacks zeroed, the rest copied a run of layers at a time.
-    blob: the file's bytes (bytes / memoryview), or a uint8 tensor on the items' device."""
+    blob: the file's bytes as a uint8 tensor on the items' device (byte_tensor on the host)."""
     layers, r_max = A.shape[0], A.shape[1]
     touched = [False] * layers
     for run in _layer_runs(items):
@@ -59,9 +59,16 @@ def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob) -> None:
         B[lo:hi].zero_()
 
 
+def byte_tensor(blob: bytes | memoryview) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor, without a copy (read-only: nothing writes to it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # "buffer is not writable"
+        return torch.frombuffer(blob, dtype=torch.uint8)
+
+
 def tensor_views(blob: torch.Tensor, header: dict, data_start: int) -> dict[str, torch.Tensor]:
-    """The file's tensors as views of blob, a uint8 tensor of the whole file (e.g. copied to
-    the GPU); data_start = 8 + header length. `header` was checked by _check_header. A tensor
+    """The file's tensors as views of blob, a uint8 tensor of the whole file (byte_tensor, or
+    a copy on the GPU); data_start = 8 + header length. `header` was checked by _check_header. A tensor
     whose bytes are not aligned to its element size (rare: safetensors writers pad the
     header) gets an aligned copy."""
     out = {}
@@ -118,26 +125,13 @@ def _run_view(blob, run: list, which: int) -> torch.Tensor:
         return first.unsqueeze(0)
     step = (run[1][which].data_ptr() - first.data_ptr()) // first.itemsize
     count = (len(run) - 1) * step + first.numel()
-    if isinstance(blob, torch.Tensor):
-        storage = blob.untyped_storage().data_ptr()
-        if any(t[which].untyped_storage().data_ptr() != storage for t in (run[0], run[-1])):
-            # an aligned copy (tensor_views) is not in blob: no stride to follow
-            return torch.stack([t[which] for t in run])
-        offset = first.data_ptr() - blob.data_ptr()
-        flat = blob[offset:offset + count * first.itemsize].view(first.dtype)
-    else:
-        offset = first.data_ptr() - _base_ptr(blob)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # "buffer is not writable": nothing writes to it
-            flat = torch.frombuffer(blob, dtype=first.dtype, offset=offset, count=count)
+    storage = blob.untyped_storage().data_ptr()
+    if any(t[which].untyped_storage().data_ptr() != storage for t in (run[0], run[-1])):
+        # an aligned copy (tensor_views) is not in blob: no stride to follow
+        return torch.stack([t[which] for t in run])
+    offset = first.data_ptr() - blob.data_ptr()
+    flat = blob[offset:offset + count * first.itemsize].view(first.dtype)
     return flat.as_strided((len(run), *first.shape), (step, *first.stride()))
-
-
-def _base_ptr(blob) -> int:
-    """Address of blob's first byte (blob holds at least the 8-byte header length)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.frombuffer(blob, dtype=torch.uint8, count=1).data_ptr()
 
 
 def _scaled_t(b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
