@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AdapterInUseError
+from ..errors import AdapterError, AdapterInUseError
 from ..model.config import PROJECTIONS, ModelConfig
 from .peft import LoraAdapter
-from .stacking import finite_layers, stack_into, tensor_views
+from .stacking import check_finite, stack_into, tensor_views
 
 
 @dataclass
@@ -79,17 +79,15 @@ class SlotPool:
         named as the host parse does, the slot freed and the store told (its requests fail
         with this message); False. Only an overflowing sum of finite weights: True."""
         name = self._name_of[slot]
-        bad = None
-        for p, w in self.weights.items():
-            r = w.ranks_list[slot]
-            if r:
-                finite = finite_layers(w.a[slot, :, :r]) & finite_layers(w.b[slot, :, :r])
-                if not bool(finite.all()):
-                    bad = f"layer {int((~finite).nonzero()[0])} {p}"
-                    break
-        if bad is None:
+        try:
+            for p, w in self.weights.items():
+                r = w.ranks_list[slot]
+                if r:
+                    check_finite(w.a[slot, :, :r], w.b[slot, :, :r],
+                                 self._where.get(slot, name), p)
             return True
-        message = f"{self._where.get(slot, name)}: {bad}: weights contain NaN or inf"
+        except AdapterError as e:       # the host parse's own message, naming the layer
+            message = str(e)
         self._lru.pop(slot, None)
         self._forget(slot)
         if self.on_failure is not None:
