@@ -46,17 +46,6 @@ __host__ __device__ constexpr size_t fused_smem_bytes(int MT, int kc, int nc, in
 // Shared memory the staged weight slices may take: ~64 KB keeps 3 CTAs on an SM.
 constexpr size_t kStageBudget = 64 * 1024;
 
-__device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
-#endif
-}
-
 template <typename T>
 __device__ __forceinline__ void add_to_row(T* dst, const float (&acc)[8], bool accumulate) {
   float cur[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};

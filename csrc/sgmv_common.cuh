@@ -160,6 +160,19 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// Thread-block cluster barrier (sm_90), split so a CTA can work between its arrive and its
+// wait: release on arrive, acquire on wait (distributed shared memory writes become visible).
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
+#endif
+}
+
 // Asks L2 to fetch [p, p + bytes): a hint that consumes no data, so it is safe before pdl_wait.
 // p 16-byte aligned, bytes a multiple of 16.
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
