@@ -211,10 +211,13 @@ def _row_warps(block: int) -> int:
     return max(1, min(16, block // 512))
 
 
-def _check_lora_delta(lora_delta, like: torch.Tensor):
-    assert lora_delta is None or (lora_delta.shape == like.shape and
-                                  lora_delta.dtype == like.dtype and
-                                  lora_delta.stride(-1) == 1), \
+def _lora_delta_arg(lora_delta, like: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel reads as its LD argument: lora_delta (checked against like, the
+    tensor it is added to), or like itself as a never-read placeholder when there is none."""
+    if lora_delta is None:
+        return like
+    assert (lora_delta.shape == like.shape and lora_delta.dtype == like.dtype
+            and lora_delta.stride(-1) == 1), \
         (like.shape, like.dtype, lora_delta.shape, lora_delta.dtype, lora_delta.stride())
     return lora_delta
 
@@ -229,7 +232,7 @@ def _norm(x, delta, weight, eps, xn, lora_delta=None):
         return y
     block = _pow2(H)
     d = delta if delta is not None else x
-    ld = lora_delta if lora_delta is not None else d
+    ld = _lora_delta_arg(lora_delta, d)
     n = xn if xn is not None else x
     _rms_norm_kernel[(T,)](x, d, ld, weight, y, n, x.stride(0), d.stride(0), ld.stride(0),
                            y.stride(0), n.stride(0), H, float(eps), HAS_DELTA=delta is not None,
@@ -256,7 +259,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     _need_triton("add_rms_norm")
     assert delta.shape == x.shape and delta.dtype == x.dtype and delta.stride(-1) == 1, \
         (x.shape, x.dtype, delta.shape, delta.dtype)
-    _check_lora_delta(lora_delta, delta)
     xn = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return _norm(x, delta, weight, eps, xn, lora_delta), xn
 
@@ -268,8 +270,7 @@ def silu_mul(gu: torch.Tensor, lora_delta: torch.Tensor | None = None) -> torch.
     T, I2 = gu.shape
     assert I2 % 2 == 0 and gu.stride(-1) == 1, (gu.shape, gu.stride())
     inter = I2 // 2
-    ld = _check_lora_delta(lora_delta, gu)
-    ld = gu if ld is None else ld
+    ld = _lora_delta_arg(lora_delta, gu)
     m = torch.empty((T, inter), dtype=gu.dtype, device=gu.device)
     if T == 0:
         return m
@@ -302,8 +303,7 @@ def rotary_qk_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             (c.shape, c.dtype, qkv.dtype)
     assert slot_mapping.shape == (T,), slot_mapping.shape
     slot_mapping = slot_mapping.contiguous()
-    ld = _check_lora_delta(lora_delta, qkv)
-    ld = qkv if ld is None else ld
+    ld = _lora_delta_arg(lora_delta, qkv)
     q = torch.empty((T, H, D), dtype=qkv.dtype, device=qkv.device)
     if T == 0:
         return q
