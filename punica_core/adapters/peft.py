@@ -445,14 +445,12 @@ def read_raw_adapter(name: str, folder, model_cfg: ModelConfig, max_rank: int,
     keeps. The weight values are checked when a slot load stacks them (SlotPool)."""
     with _as_adapter_error(name):
         folder = Path(folder).expanduser()
-        _check_folder(folder, max_bytes)
         kept = []
 
-        def alloc(size: int) -> torch.Tensor:
+        def alloc(size: int) -> torch.Tensor:      # the buffer the adapter keeps
             kept.append(torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory))
             return kept[-1]
-        raw_cfg = (folder / CONFIG_NAME).read_bytes()
-        view = read_weights_file(folder / WEIGHTS_NAME, max_bytes, alloc)
+        raw_cfg, view = _read_folder(folder, max_bytes, alloc)
         plan = _plan(name, raw_cfg, view, str(folder), model_cfg, max_rank)
         raw = RawWeights(kept[0], plan.header, plan.data_start, plan.per_proj,
                          f"{folder}/{WEIGHTS_NAME}")
