@@ -76,7 +76,8 @@ class LlamaModel:
         if lora is None:
             return linear(x, weight, bias), None
         pending = lora.start(x, layer, site, weight.shape[0])    # beside the base projection
-        y = linear(x, weight, bias)
+        with lora.base_projection(site, pending):
+            y = linear(x, weight, bias)
         return y, lora.finish(y, x, layer, site, pending)
 
     @torch.inference_mode()

@@ -10,6 +10,17 @@ from .. import ops
 from ..engine.layout import LoraSegments
 from ..ops.torch_small_batch import SmallBatchPlan, add_lora_small_batch
 
+# lora_overlap: the side launch should leave the base GEMM its SMs. cuBLAS's decode GEMMs hold
+# a whole SM per CTA (384 threads x 168 registers) and launch 96-128 CTAs, so a LoRA CTA runs
+# beside them only on an SM they leave free. Measured per site on an H200 (Llama-2-7B, 32 rows,
+# benchmarks/diag/overlap_site.py): with at most ~64 CTAs for the launch (1-2 per item instead of
+# 4-8) and, for o and down, cuBLASLt told to leave 32 SMs free (its default kernel there has 128
+# CTAs; the 64-CTA one it then picks is as fast), the time the LoRA adds beside the GEMM fell from
+# 31 to 16 us a layer with one adapter for all rows, and from 42 to 35 us with 32 adapters.
+OVERLAP_LAUNCH_CTAS = 64
+OVERLAP_FREE_SMS = 32
+OVERLAP_FREE_SMS_MAX_ROWS = 256     # memory-bound GEMMs only: prefill chunks keep every SM
+
 # Without the CUDA kernels (CPU, or a GPU without the extension): with at least this many
 # adapter segments and at most this many rows, one batched matmul over all slots beats a pair
 # of matmuls per segment (see ops/torch_small_batch.py).
@@ -84,8 +95,17 @@ class LoraContext:
         if self.side is not None:
             self.side.wait_stream(torch.cuda.current_stream(x.device))   # x is ready
         with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
-            self.apply(d, x, layer, projs, accumulate=False)     # d = delta: no zeroing
+            self.apply(d, x, layer, projs, accumulate=False,     # d = delta: no zeroing
+                       cluster=overlap_cluster(len(self._slots) * len(projs)))
         return d
+
+    def base_projection(self, site: tuple[str, ...], delta: torch.Tensor | None):
+        """Context for the base GEMM of a site whose delta (start's result) runs beside it: for
+        o and down, cuBLASLt leaves OVERLAP_FREE_SMS SMs to the LoRA launch."""
+        if delta is None or self.side is None or site not in (("o_proj",), ("down_proj",)) \
+                or delta.shape[0] > OVERLAP_FREE_SMS_MAX_ROWS:
+            return contextlib.nullcontext()
+        return leave_sms_free(OVERLAP_FREE_SMS)
 
     def finish(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...],
                delta: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,9 +120,10 @@ class LoraContext:
         return delta
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...],
-              accumulate: bool = True):
+              accumulate: bool = True, cluster: int = 0):
         """out: [T, site_out] fused projection output; x: [T, in] its input. accumulate=False:
-        out = the site's delta (every column of the site is written)."""
+        out = the site's delta (every column of the site is written). cluster: the fused
+        kernel's CTAs per (segment, projection), 0 = its own choice."""
         active = [p for p in projs if self.active.get(p)]
         if not accumulate and (self.small is not None or len(active) < len(projs)):
             out.zero_()     # these paths write only the active projections' windows
@@ -121,7 +142,40 @@ class LoraContext:
         projections = [(weights[p].a, weights[p].b,
                         weights[p].ranks_list if self._lists else weights[p].ranks,
                         self.pool.col_offsets[p]) for p in active]
-        ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer, accumulate)
+        ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer, accumulate,
+                     cluster)
+
+
+def overlap_cluster(items: int) -> int:
+    """CTAs per (segment, projection) for a LoRA launch beside its base GEMM: the largest
+    power of two up to 8 that keeps the launch within OVERLAP_LAUNCH_CTAS (at least 1)."""
+    c = 8
+    while c > 1 and items * c > OVERLAP_LAUNCH_CTAS:
+        c //= 2
+    return c
+
+
+@contextlib.contextmanager
+def leave_sms_free(sms: int):
+    """cuBLASLt picks its GEMM kernels for (SMs - sms) SMs inside this block (torch's private
+    SM carve-out, which only the cuBLASLt backend honours); a no-op where torch lacks either."""
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    getter = getattr(torch._C, "_get_sm_carveout_experimental", None)
+    backend = torch.backends.cuda.preferred_blas_library()
+    try:
+        if setter is None or getter is None:
+            raise RuntimeError("no SM carve-out in this torch")
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+    except RuntimeError:        # a build without cuBLASLt (CPU), or an older / newer torch
+        yield
+        return
+    before = getter()
+    setter(sms)
+    try:
+        yield
+    finally:
+        setter(before)
+        torch.backends.cuda.preferred_blas_library(backend)
 
 
 @functools.lru_cache(maxsize=None)

@@ -91,3 +91,37 @@ def test_overlap_defaults_to_cuda_only(make_engine):
     """None (the default) resolves to on for CUDA, off on the CPU; an explicit value wins."""
     assert make_engine().runner.lora_overlap is False
     assert make_engine(lora_overlap=True).runner.lora_overlap is True
+
+
+def test_overlap_launch_keeps_to_its_cta_budget():
+    """Beside a base GEMM the fused launch takes 1-8 CTAs per item and, where one CTA per
+    item allows it, at most OVERLAP_LAUNCH_CTAS in all (Llama-2-7B at 32 rows: q/k/v 96 items
+    -> 1, o and down 32 -> 2)."""
+    from punica_core.model.lora import OVERLAP_LAUNCH_CTAS, overlap_cluster
+    assert overlap_cluster(96) == 1 and overlap_cluster(32) == 2 and overlap_cluster(1) == 8
+    for items in range(1, 300):
+        c = overlap_cluster(items)
+        assert c in (1, 2, 4, 8)
+        assert items * c <= OVERLAP_LAUNCH_CTAS or c == 1
+        assert c == 8 or items * c * 2 > OVERLAP_LAUNCH_CTAS      # the largest that fits
+
+
+def test_leaving_sms_free_restores_the_blas_settings():
+    """The carve-out applies inside the block only (on a CUDA build: cuBLASLt, SMs - 32); on a
+    build without cuBLASLt the block runs unchanged."""
+    from punica_core.model.lora import leave_sms_free
+    backend = torch.backends.cuda.preferred_blas_library()
+    carve = torch._C._get_sm_carveout_experimental()
+    with leave_sms_free(32):
+        if torch.cuda.is_available():
+            assert torch._C._get_sm_carveout_experimental() == 32
+            assert torch.backends.cuda.preferred_blas_library() == \
+                torch._C._BlasBackend.Cublaslt
+        x = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert torch.equal(x, torch.full((2, 2), 2.0))
+    assert torch.backends.cuda.preferred_blas_library() == backend
+    assert torch._C._get_sm_carveout_experimental() == carve
+    with pytest.raises(ValueError):         # restored on the way out of an error too
+        with leave_sms_free(16):
+            raise ValueError("boom")
+    assert torch._C._get_sm_carveout_experimental() == carve
