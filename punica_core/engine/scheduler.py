@@ -68,11 +68,18 @@ class Scheduler:
                 n = min(req.pending, budget)
                 picked.append((req, n))
                 budget -= n
-        # 3. admissions, FCFS
+        # 3. admissions, FCFS. A request's adapter load may evict only adapters that no
+        # request ahead of it wants: else, with more waiting adapters than slots, each step's
+        # later requests evicted the earlier ones' fresh (still copying) loads, and the step
+        # reloaded them: thousands of loads for a working set of 82 (engine_gpu.py, 1000
+        # adapters from a warm host cache)
+        ahead: set[str] = set()
         for req in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_batch:
                 break
-            ready = self._adapter_ready(req, batch)
+            ready = self._adapter_ready(req, batch, ahead)
+            if req.adapter is not None:
+                ahead.add(req.adapter)
             if ready is None:
                 continue            # failed; reported below
             if not ready:
@@ -101,8 +108,10 @@ class Scheduler:
                 block_table=req.block_table, slot=req.slot, sample=start + n == req.num_tokens))
         return batch
 
-    def _adapter_ready(self, req: Request, batch: ScheduledBatch) -> bool | None:
-        """True when the adapter is in a ready slot; False while it loads; None if it failed."""
+    def _adapter_ready(self, req: Request, batch: ScheduledBatch,
+                       keep: set[str] = frozenset()) -> bool | None:
+        """True when the adapter is in a ready slot; False while it loads; None if it failed.
+        A load it starts evicts no adapter named in keep."""
         name = req.adapter
         if name is None:
             req.slot = -1
@@ -117,7 +126,7 @@ class Scheduler:
         if error:
             self._refuse(req, batch, error)
             return None
-        slot = self._start_loading(name)
+        slot = self._start_loading(name, keep)
         return slot is not None and self.pool.is_ready(slot)
 
     def _start_loading(self, name: str, keep: set[str] = frozenset()) -> int | None:

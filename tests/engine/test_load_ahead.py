@@ -27,3 +27,36 @@ def test_waiting_requests_adapters_load_while_the_batch_is_full(make_engine, par
     run_to_completion(e)
     assert [len(r.output_ids) for r in (first, waiting, third)] == [24, 24, 24]
     assert e.pool.evictions >= 1       # r64_attn got a slot once r4_qv's request had finished
+
+
+def test_admission_loads_never_evict_what_requests_ahead_wait_for(make_engine, parity_adapters):
+    """More waiting adapters than slots, with loads that take a step to land (as on a GPU): a
+    later request's load must not evict the slot just loaded for a request ahead of it, else
+    every step reloads the same adapters and nobody is admitted."""
+    e = make_engine(max_batch=8, max_adapters_on_gpu=2)
+    names = ("r4_qv", "r8_all", "r64_attn")
+    for name in names:
+        e.register_adapter(name, parity_adapters[name])
+        e.store.get_cached(name)            # in the host cache, like a warm working set
+    pool = e.pool
+    landed_at: dict[int, int] = {}
+    step = [0]
+    load, is_ready = pool.load, pool.is_ready
+
+    def slow_load(adapter, keep=frozenset()):
+        slot = load(adapter, keep)
+        if slot is not None:
+            landed_at[slot] = step[0] + 1   # ready from the next step on
+        return slot
+    pool.load = slow_load
+    pool.is_ready = lambda slot: step[0] >= landed_at.get(slot, 0) and is_ready(slot)
+    short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    reqs = [e.add_request("Hi.", short, names[i % 3]) for i in range(6)]
+    for _ in range(200):
+        if not e.has_work():
+            break
+        e.step()
+        step[0] += 1
+    assert all(len(r.output_ids) == 2 for r in reqs)
+    # each adapter is loaded about once per run of its requests, not once per step
+    assert pool.loads <= 6, pool.loads
