@@ -11,14 +11,15 @@ variant is one CUDA graph of --layers layers of a site, replayed; per-site micro
 for 32 one-row segments (the decode graphs' layout) of one adapter (identical) or 32
 (distinct). A profiled replay records every kernel's grid, block, registers and shared
 memory: whether the LoRA CTAs can share an SM with the GEMM's is what decides the overlap.
-PUNICA_FUSED_STAGE_KB (read by the kernel) sets the fused kernel's staging budget.
+--cluster forces the fused kernel's CTAs per (segment, projection) in the overlapped variants
+(the engine's choice is punica_core/model/lora.py's overlap_cluster); --carveouts repeats the
+GEMM variants with cuBLASLt told to leave that many SMs free.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
-import os
 import re
 import statistics
 import sys
@@ -91,7 +92,7 @@ def kernel_attrs(g) -> list[dict]:
     return sorted(by.values(), key=lambda k: -k["us"])
 
 
-def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, caps, cluster):
+def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
     torch.manual_seed(0)
     dev = "cuda"
     T, slots, r = 32, 32, 16
@@ -127,7 +128,7 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, caps, cluster
             torch.matmul(x, W[l].t(), out=y)
             cuda_backend.add_lora(y, x, v, projs, indptr, sl, l)
 
-    def overlap(gemm_first=False, max_ctas=0):
+    def overlap(gemm_first=False):
         cur = torch.cuda.current_stream()
         for l in range(layers):
             if gemm_first:      # the GEMM's node is created first; the LoRA waits on x only
@@ -139,7 +140,7 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, caps, cluster
                 side.wait_stream(cur)
             with torch.cuda.stream(side):
                 cuda_backend.add_lora(d, x, v, projs, indptr, sl, l, accumulate=False,
-                                      cluster=cluster, max_ctas=max_ctas)
+                                      cluster=cluster)
             if not gemm_first:
                 torch.matmul(x, W[l].t(), out=y)
             cur.wait_stream(side)
@@ -156,8 +157,6 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, caps, cluster
         graphs["serial" + tag] = graph_of(serial)
         graphs["overlap" + tag] = graph_of(overlap)
         graphs["overlap_gemm_first" + tag] = graph_of(functools.partial(overlap, True))
-        for cap in caps:    # the LoRA launch on at most `cap` CTAs (they walk the items)
-            graphs[f"overlap_cap{cap}" + tag] = graph_of(functools.partial(overlap, False, cap))
     torch._C._set_sm_carveout_experimental(None)
     for k, g in graphs.items():
         res[f"{k}_us"] = time_graph(g, reps) / layers
@@ -178,14 +177,12 @@ def main():
     ap.add_argument("--sites", default="qkv,o,gate_up,down")
     ap.add_argument("--carveouts", default="none,16,32",
                     help="SM carve-outs for cuBLASLt (none: torch's default heuristics)")
-    ap.add_argument("--caps", default="", help="max_ctas values for the LoRA launch, e.g. 32,64")
     ap.add_argument("--cluster", type=int, default=0, help="fused kernel cluster; 0: its own")
     ap.add_argument("--out", default="/tmp/overlap_site.json")
     args = ap.parse_args()
     assert cuda_backend.available(), "needs the CUDA kernels"
     cfg = NAMED_SHAPES[args.model]
     carveouts = [None if c == "none" else int(c) for c in args.carveouts.split(",")]
-    caps = [int(c) for c in args.caps.split(",") if c]
     if any(c is not None for c in carveouts):
         torch.backends.cuda.preferred_blas_library("cublaslt")   # the carve-out is Lt-only
     shapes = site_shapes(cfg)
@@ -194,7 +191,7 @@ def main():
         fin, outs = shapes[s]
         for mix in ("identical", "distinct"):
             r = run_site(s, fin, outs, mix, args.layers, args.reps, torch.bfloat16, carveouts,
-                     caps, args.cluster)
+                     args.cluster)
             rows.append(r)
             print(f"{s:8s} {mix:9s} lora {r['lora_us']:5.1f}  (bytes at 4.1 TB/s "
                   f"{r['adapter_bytes_per_site'] / 4.1e6:.1f} us)")
@@ -203,9 +200,7 @@ def main():
                 print(f"     carveout {str(c):4s}: base {r['base' + tag + '_us']:5.1f}  serial +"
                       f"{r['serial' + tag + '_added_us']:5.1f}  overlap +"
                       f"{r['overlap' + tag + '_added_us']:5.1f}  gemm first +"
-                      f"{r['overlap_gemm_first' + tag + '_added_us']:5.1f} us" + "".join(
-                          f"  cap {cap} +{r[f'overlap_cap{cap}' + tag + '_added_us']:5.1f}"
-                          for cap in caps))
+                      f"{r['overlap_gemm_first' + tag + '_added_us']:5.1f} us")
             torch.cuda.empty_cache()
     for r in rows:
         for variant, ks in r["kernels"].items():
@@ -213,8 +208,8 @@ def main():
                                                          k["smem"]) for k in ks])
     Path(args.out).write_text(json.dumps(
         {"model": args.model, "device": torch.cuda.get_device_name(),
-         "stage_kb_env": os.environ.get("PUNICA_FUSED_STAGE_KB"), "cluster": args.cluster,
-         "caps": caps, "rows": rows}, indent=2))
+         "cluster": args.cluster,
+         "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
