@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from punica_core.engine.cuda_graphs import capture_graph  # noqa: E402
 from punica_core.ops import cuda_backend, torch_ref  # noqa: E402
 
 DT = torch.bfloat16
@@ -54,15 +55,7 @@ def shapes_of(model):
 # timing
 def time_graph(body, calls, target_ms=25.0, repeats=5):
     """Median time of one call of `body` (which makes `calls` calls), from CUDA-graph replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    graph, _ = capture_graph(body)
     graph.replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -36,18 +36,9 @@ def assert_logits_agree(ref, test, rel_tol, tie_tol):
 
 
 def capture_cuda_graph(step):
-    """Runs step once on a side stream (to warm up allocations), then captures it in a CUDA
-    graph and returns the graph (torch's recipe for capturing)."""
-    import torch
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+    """step captured in a CUDA graph after one warm-up run (the engine's recipe)."""
+    from punica_core.engine.cuda_graphs import capture_graph
+    return capture_graph(step)[0]
 
 
 def outputs_with_logits(reqs, captured):

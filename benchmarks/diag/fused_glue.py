@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from punica_core.engine.cuda_graphs import capture_graph  # noqa: E402
 from punica_core.model import fused_triton as ft  # noqa: E402
 from punica_core.model.config import NAMED_SHAPES  # noqa: E402
 from punica_core.model.llama import rms_norm  # noqa: E402
@@ -109,15 +110,7 @@ def main():
             res["kernels_per_layer"] = kernels_per_call(layer)
         except Exception as e:          # noqa: BLE001 - the profiler is optional here
             res["kernels_per_layer"] = f"unavailable: {e}"
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            layer()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(args.layers):
-                layer()
+        graph, _ = capture_graph(lambda: [layer() for _ in range(args.layers)])
         res["graph_us_per_layer"] = time_us(graph.replay, max(10, args.iters // 10)) / args.layers
         res["graph_ms_per_step"] = res["graph_us_per_layer"] * cfg.num_layers / 1e3
         out[name] = res

@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from punica_core.engine.cuda_graphs import capture_graph  # noqa: E402
 from punica_core.model.config import NAMED_SHAPES  # noqa: E402
 from punica_core.ops import cuda_backend  # noqa: E402
 
@@ -41,17 +42,8 @@ def site_shapes(cfg) -> dict[str, tuple[int, list[int]]]:
             "gate_up": (H, [I, I]), "down": (I, [H])}
 
 
-def graph_of(fn, warm: int = 2):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+def graph_of(fn):
+    return capture_graph(fn, warmup=2)[0]
 
 
 def time_graph(g, reps: int) -> float:

@@ -24,6 +24,22 @@ from .layout import BatchLayout, ScheduledChunk
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def capture_graph(fn, pool=None, warmup: int = 1):
+    """torch's capture recipe: fn runs `warmup` times on a side stream (allocations, cuBLAS
+    workspaces and Triton compiles happen outside the capture), then once inside it. Returns
+    (graph, what the captured call returned: its outputs live in the graph's memory)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def graphs_supported(model: LlamaModel) -> bool:
     """CUDA, and the Triton paged decode attention (the reference gathers data-dependent
     shapes and cannot be captured)."""
@@ -135,14 +151,8 @@ class DecodeGraphs:
                                      self._v[:b], overlap=self.lora_overlap) \
             if with_lora else None
         # the inputs of this step are already in the buffers: a valid batch to warm up on
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.model.forward(layout, self.kv, lora)     # cuBLAS / Triton / kernels warm up
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
-            logits = self.model.forward(layout, self.kv, lora)
+        graph, logits = capture_graph(lambda: self.model.forward(layout, self.kv, lora),
+                                      pool=self._mempool)
         self._graphs[(b, with_lora)] = (graph, logits)
         # the graph reads and writes the context's buffers (lora_overlap's deltas, made in the
         # warm-up): they must live as long as the graph

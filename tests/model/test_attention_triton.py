@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import capture_cuda_graph
 from punica_core.model import attention_triton as at
 from punica_core.model.attention import paged_attention_ref
 from punica_core.model.config import NAMED_SHAPES
@@ -209,14 +210,8 @@ def test_cuda_graph_replay_after_inputs_change(shape, parts):
     scale = D ** -0.5
     out = torch.empty_like(q)
     kw = dict(max_context=max_ctx, num_partitions=parts)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):                          # compile + warm up outside capture
-        at.paged_decode_attention(q, kc, vc, bt, cl, bs, scale, out=out, **kw)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        at.paged_decode_attention(q, kc, vc, bt, cl, bs, scale, out=out, **kw)
+    graph = capture_cuda_graph(                         # compiled + warmed up outside capture
+        lambda: at.paged_decode_attention(q, kc, vc, bt, cl, bs, scale, out=out, **kw))
     graph.replay()
     torch.testing.assert_close(out.float(), reference(q, kc, vc, bt, cl, bs, scale),
                                atol=TOL[dtype], rtol=TOL[dtype])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from punica_core.engine.cuda_graphs import capture_graph
 from punica_core.model import fused_triton as ft
 from punica_core.model.config import NAMED_SHAPES
 from triton_interpreter import needs_triton, run_in_interpreter
@@ -257,14 +258,7 @@ def test_cuda_graph_replay_after_inputs_change():
         return [llama_rms_norm(x, w, EPS), llama_rms_norm(xn, w, EPS), xn,
                 F.silu(gu[:, :inter]) * gu[:, inter:], q], k, v
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):                  # compile + warm up outside capture
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_graph(step)           # compiled + warmed up outside capture
     for seed in (1, 2):
         new = inputs(seed)
         for t, n in zip(static, new):
