@@ -19,6 +19,7 @@ from ..ops.torch_small_batch import SmallBatchPlan, add_lora_small_batch
 # 31 to 16 us a layer with one adapter for all rows, and from 42 to 35 us with 32 adapters.
 OVERLAP_LAUNCH_CTAS = 64
 OVERLAP_FREE_SMS = 32
+OVERLAP_FREE_SMS_SITES = (("o_proj",), ("down_proj",))   # q/k/v ignores it; gate/up got worse
 OVERLAP_FREE_SMS_MAX_ROWS = 256     # memory-bound GEMMs only: prefill chunks keep every SM
 
 # Without the CUDA kernels (CPU, or a GPU without the extension): with at least this many
@@ -102,7 +103,7 @@ class LoraContext:
     def base_projection(self, site: tuple[str, ...], delta: torch.Tensor | None):
         """Context for the base GEMM of a site whose delta (start's result) runs beside it: for
         o and down, cuBLASLt leaves OVERLAP_FREE_SMS SMs to the LoRA launch."""
-        if delta is None or self.side is None or site not in (("o_proj",), ("down_proj",)) \
+        if delta is None or self.side is None or site not in OVERLAP_FREE_SMS_SITES \
                 or delta.shape[0] > OVERLAP_FREE_SMS_MAX_ROWS:
             return contextlib.nullcontext()
         return leave_sms_free(OVERLAP_FREE_SMS)
