@@ -18,6 +18,7 @@ GEMM variants with cuBLASLt told to leave that many SMs free.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from punica_core.engine.cuda_graphs import capture_graph  # noqa: E402
 from punica_core.model.config import NAMED_SHAPES  # noqa: E402
+from punica_core.model.lora import leave_sms_free  # noqa: E402
 from punica_core.ops import cuda_backend  # noqa: E402
 
 
@@ -110,10 +112,9 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
         for l in range(layers):
             torch.matmul(x, W[l].t(), out=y)
 
-    def lora(acc=True, out=None):
+    def lora():
         for l in range(layers):
-            cuda_backend.add_lora(out if out is not None else y, x, v, projs, indptr, sl, l,
-                                  accumulate=acc)
+            cuda_backend.add_lora(y, x, v, projs, indptr, sl, l)
 
     def serial():
         for l in range(layers):
@@ -142,14 +143,14 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
            "base_bytes_per_site": N * fin * 2}
     graphs = {"lora": graph_of(lora)}
     for c in carveouts:
-        # cuBLASLt picks its kernel for (SMs - c) SMs, leaving c for the LoRA launch
-        torch._C._set_sm_carveout_experimental(c)
+        # cuBLASLt picks its kernel for (SMs - c) SMs, leaving c for the LoRA launch (the
+        # engine's own switch, as base_projection uses it for o and down)
         tag = "" if c is None else f"_c{c}"
-        graphs["base" + tag] = graph_of(base)
-        graphs["serial" + tag] = graph_of(serial)
-        graphs["overlap" + tag] = graph_of(overlap)
-        graphs["overlap_gemm_first" + tag] = graph_of(functools.partial(overlap, True))
-    torch._C._set_sm_carveout_experimental(None)
+        with contextlib.nullcontext() if c is None else leave_sms_free(c):
+            graphs["base" + tag] = graph_of(base)
+            graphs["serial" + tag] = graph_of(serial)
+            graphs["overlap" + tag] = graph_of(overlap)
+            graphs["overlap_gemm_first" + tag] = graph_of(functools.partial(overlap, True))
     for k, g in graphs.items():
         res[f"{k}_us"] = time_graph(g, reps) / layers
     for k in [k for k in res if k.startswith(("serial", "overlap")) and k.endswith("_us")]:
@@ -175,8 +176,6 @@ def main():
     assert cuda_backend.available(), "needs the CUDA kernels"
     cfg = NAMED_SHAPES[args.model]
     carveouts = [None if c == "none" else int(c) for c in args.carveouts.split(",")]
-    if any(c is not None for c in carveouts):
-        torch.backends.cuda.preferred_blas_library("cublaslt")   # the carve-out is Lt-only
     shapes = site_shapes(cfg)
     rows = []
     for s in args.sites.split(","):
