@@ -109,4 +109,9 @@ cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
 int lora_fused_cluster(int items, int num_sms);
 cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o);
 
+// Streamed decode kernel (sm_90; needs o.vec): the same op on `ctas` CTAs (0: one per SM), each
+// walking its jobs through a ring of shared-memory stages filled by bulk copies (tma) or by a
+// warp's cp.async (p.cluster/rank_block/n_pitch unused; rows over 16384 run lora_fused).
+cudaError_t lora_stream(DType dt, const FusedParams& p, int ctas, bool tma, const LaunchOptions& o);
+
 }  // namespace punica

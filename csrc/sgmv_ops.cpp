@@ -14,6 +14,8 @@ namespace {
 // Average rows per segment above which the tensor-core kernels win: a decode batch (1-row
 // segments) stays on the memory-bound kernels, a prefill chunk goes to the tensor cores.
 constexpr int64_t kMmaMinRowsPerSegment = 8;
+// The streamed kernel's copies on the auto path: bulk copies (TMA) or a warp's cp.async.
+constexpr bool kStreamTma = true;   // measured: as fast or faster (overlap_site.py)
 
 // Numbers in error messages are formatted with std::to_string, never by streaming an integer
 // into an ostream: on the device machine (extensions built by another g++ than torch's) the
@@ -230,11 +232,14 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
 // Adds the LoRA delta of up to 4 projections that share the input x (q/k/v, gate/up) to their
 // column windows of y. Decode-shaped batches on sm_90 run the fused kernel (one launch for all
 // projections, v never leaves the chip); otherwise, or when forced, a shrink + expand pair per
-// projection through v. path: 0 auto, 1/2 the pair on the simt/mma kernels, 3 the fused kernel.
+// projection through v. path: 0 auto, 1/2 the pair on the simt/mma kernels, 3 the fused kernel,
+// 4 / 5 the streamed kernel with bulk copies (TMA) / with cp.async. ctas > 0 (auto path, decode
+// batches on sm_90): the streamed kernel (kStreamTma's copies) on that many CTAs, for a launch
+// that runs beside a GEMM on the SMs it leaves free.
 void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at::TensorList a,
               at::TensorList b, at::TensorList ranks, c10::IntArrayRef col_offsets,
               const at::Tensor& seg_indptr, const at::Tensor& slot_ids, int64_t layer, int64_t path,
-              int64_t cluster, bool pdl, bool accumulate) {
+              int64_t cluster, bool pdl, bool accumulate, int64_t ctas) {
   const char* fn = "add_lora";
   TORCH_CHECK(x.is_cuda(), "punica::add_lora: x must be a CUDA tensor, got ", x.device());
   const at::Device dev = x.device();
@@ -251,9 +256,10 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
               "punica::add_lora: a, b, ranks and col_offsets must have one entry per projection "
               "(got ", num(int64_t(np)), ", ", num(int64_t(b.size())), ", ", num(int64_t(ranks.size())),
               ", ", num(int64_t(col_offsets.size())), ")");
-  TORCH_CHECK(path >= 0 && path <= 3, "punica::add_lora: path must be 0 (auto), 1 (simt pair), "
-              "2 (mma pair) or 3 (fused)");
+  TORCH_CHECK(path >= 0 && path <= 5, "punica::add_lora: path must be 0 (auto), 1 (simt pair), "
+              "2 (mma pair), 3 (fused), 4 (streamed, bulk copies) or 5 (streamed, cp.async)");
   TORCH_CHECK(cluster >= 0 && cluster <= 16, "punica::add_lora: cluster must be 0 (auto) .. 16");
+  TORCH_CHECK(ctas >= 0 && ctas <= 4096, "punica::add_lora: ctas must be 0 (fused kernel) .. 4096");
   check_rows(fn, x, "x");
   check_rows(fn, y, "y");
   check_rows(fn, v, "v");
@@ -302,10 +308,13 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
   LaunchOptions o = launch_options(dev, vec, pdl);
   const bool hopper = at::cuda::getDeviceProperties(dev.index())->major >= 9;
   const bool decode = x.size(0) <= kMmaMinRowsPerSegment * seg.num_seg;
-  if (path == 3)
-    TORCH_CHECK(hopper && vec, "punica::add_lora: the fused kernel needs sm_90 and 16-byte "
-                "aligned rows (in/out features and column offsets multiples of 8)");
-  if (path == 3 || (path == 0 && hopper && vec && decode)) {
+  if (path >= 3)
+    TORCH_CHECK(hopper && vec, "punica::add_lora: the ", path == 3 ? "fused" : "streamed",
+                " kernel needs sm_90 and 16-byte aligned rows (in/out features and column "
+                "offsets multiples of 8)");
+  const bool streamed = path >= 4 || (path == 0 && ctas > 0 && hopper && vec && decode);
+  const bool tma = path == 4 || (path == 0 && kStreamTma);
+  if (streamed || path == 3 || (path == 0 && hopper && vec && decode)) {
     prm.seg = seg;
     prm.num_proj = int(np);
     prm.x = x.data_ptr();
@@ -315,7 +324,7 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
     prm.y_stride = y.stride(0);
     prm.cluster = cluster > 0 ? int(cluster) : lora_fused_cluster(seg.num_seg * int(np), o.num_sms);
     prm.accumulate = accumulate;
-    check_launch(fn, lora_fused(dt, prm, o));
+    check_launch(fn, streamed ? lora_stream(dt, prm, int(ctas), tma, o) : lora_fused(dt, prm, o));
     return;
   }
   if (!accumulate) zero_windows();  // the pair kernels accumulate
@@ -332,7 +341,7 @@ TORCH_LIBRARY(punica, m) {
         "Tensor ranks, int layer, int col_offset=0, int path=0, bool pdl=True) -> ()");
   m.def("add_lora(Tensor(a!) y, Tensor x, Tensor(b!) v, Tensor[] a, Tensor[] b, Tensor[] ranks, "
         "int[] col_offsets, Tensor seg_indptr, Tensor slot_ids, int layer, int path=0, "
-        "int cluster=0, bool pdl=True, bool accumulate=True) -> ()");
+        "int cluster=0, bool pdl=True, bool accumulate=True, int ctas=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(punica, CUDA, m) {

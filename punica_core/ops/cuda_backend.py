@@ -66,7 +66,7 @@ def _register_fakes() -> None:
         return None
 
     def add_lora_fake(y, x, v, a, b, ranks, col_offsets, seg_indptr, slot_ids, layer, path=0,
-                      cluster=0, pdl=True, accumulate=True):
+                      cluster=0, pdl=True, accumulate=True, ctas=0):
         return None
 
     for name, fn in (("punica::sgmv_shrink", shrink_fake), ("punica::sgmv_expand", expand_fake),
@@ -135,12 +135,16 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, seg_indptr, s
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg_indptr, slot_ids,
-             layer: int, accumulate: bool = True, cluster: int = 0) -> torch.Tensor:
+             layer: int, accumulate: bool = True, cluster: int = 0, ctas: int = 0,
+             path: int = 0) -> torch.Tensor:
     """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
     (a, b, ranks, col_offset) in `projections` (1 to 4, all reading x); returns y.
     accumulate=False overwrites the windows instead (= rather than +=; rows without an adapter
     get zeros), so a delta buffer needs no zeroing first; the segments must cover every row.
     cluster: CTAs per (segment, projection) of the fused kernel, 0 = chosen by the kernel.
+    ctas > 0: decode batches on sm_90 run the streamed kernel on that many CTAs instead (for a
+    launch beside a GEMM, on the SMs it leaves free). path: 0 auto; 3 fused, 4 / 5 streamed
+    with bulk / cp.async copies, 1 / 2 the pair (tests, benchmarks).
 
     One fused launch for decode batches on sm_90 (v untouched); otherwise a shrink + expand
     pair per projection through v ([n, >= max_rank]).
@@ -149,6 +153,6 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg
     a, b, ranks, offs = zip(*projections)
     torch.ops.punica.add_lora(y, x, v, list(a), list(b), [_index(r, dev) for r in ranks],
                               [int(o) for o in offs], _index(seg_indptr, dev),
-                              _index(slot_ids, dev), int(layer), cluster=int(cluster),
-                              accumulate=accumulate)
+                              _index(slot_ids, dev), int(layer), path=int(path),
+                              cluster=int(cluster), accumulate=accumulate, ctas=int(ctas))
     return y

@@ -1,5 +1,5 @@
-"""punica::add_lora (the fused decode kernel, and its shrink + expand fallback) against the torch
-reference in fp32 on the same rounded inputs.
+"""punica::add_lora (the fused decode kernel, the streamed one, and the shrink + expand fallback)
+against the torch reference in fp32 on the same rounded inputs.
 
 Needs a GPU (run on the device machine); skipped elsewhere. Weight rows past a slot's rank are
 NaN (they must never be read) and y outside each projection's window must stay bit-identical.
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.cuda,
 
 DTYPES = [torch.float16, torch.bfloat16]
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2.4e-2}
-AUTO, SIMT, MMA, FUSED = 0, 1, 2, 3
+AUTO, SIMT, MMA, FUSED, STREAM, STREAM_LSU = 0, 1, 2, 3, 4, 5
 NAN = float("nan")
 
 
@@ -83,18 +83,18 @@ def written(p):
     return mask
 
 
-def run(p, layer, path=AUTO, cluster=0):
+def run(p, layer, path=AUTO, cluster=0, ctas=0):
     y = p["y0"].clone()
     v = torch.full((y.shape[0], p["max_rank"]), NAN, dtype=y.dtype, device="cuda")
     torch.ops.punica.add_lora(y, p["x"], v, [q["a"] for q in p["projs"]],
                               [q["b"] for q in p["projs"]], [q["ranks_t"] for q in p["projs"]],
                               [q["off"] for q in p["projs"]], p["indptr_t"], p["slots_t"], layer,
-                              path, cluster)
+                              path, cluster, ctas=ctas)
     return y
 
 
-def check(p, layer, path=AUTO, cluster=0):
-    y = run(p, layer, path, cluster)
+def check(p, layer, path=AUTO, cluster=0, ctas=0):
+    y = run(p, layer, path, cluster, ctas)
     ref = reference(p, layer)
     mask = written(p)
     y0 = p["y0"]
@@ -116,11 +116,12 @@ LENS = [1, 1, 0, 1, 1, 1, 1, 1]
 
 
 @needs_hopper
+@pytest.mark.parametrize("path", [FUSED, STREAM, STREAM_LSU])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank", [1, 2, 3, 4, 8, 15, 16, 17, 32, 64, 100, 128])
-def test_every_rank_fused(kernels, dtype, rank):
+def test_every_rank_fused(kernels, path, dtype, rank):
     p = make(dtype, 4096, [4096], [[rank] * 5], SLOTS, LENS)
-    check(p, 1, FUSED)
+    check(p, 1, path)
 
 
 @needs_hopper
@@ -129,12 +130,43 @@ def test_every_rank_fused(kernels, dtype, rank):
                                        (4096, [11008, 11008]), (11008, [4096]),
                                        (576, [576, 192, 192]), (5120, [13824, 13824]),
                                        (28672, [8192]), (8192, [28672])])
-def test_sites_of_real_models(kernels, dtype, fin, fouts):
+@pytest.mark.parametrize("path", [FUSED, STREAM, STREAM_LSU])
+def test_sites_of_real_models(kernels, dtype, fin, fouts, path):
     """q/k/v (with GQA), gate/up and down of Llama-2-7B/13B/70B and SmolLM2 in one launch each,
     each projection with its own mix of ranks (rank 0: the adapter does not target it)."""
     mixes = [[16, 0, 64, 128, 4, 8], [8, 16, 0, 128, 64, 4], [128, 4, 16, 0, 8, 64]]
     p = make(dtype, fin, fouts, mixes[:len(fouts)], [0, 1, 2, 3, 4, 5, -1], [1] * 7)
-    check(p, 0, FUSED)
+    check(p, 0, path)
+
+
+@needs_hopper
+@pytest.mark.parametrize("ctas", [1, 3, 16, 0, 4096])
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("path", [STREAM, STREAM_LSU])
+def test_streamed_grid_sizes(kernels, ctas, accumulate, path):
+    """The streamed kernel on a few CTAs (each walks many jobs through its ring of stages,
+    the v buffers alternating between them), one per SM (0), or more CTAs than jobs; the auto
+    path with ctas > 0 takes it for decode batches."""
+    ranks = [[16, 64, 4, 128, 1, 8], [128, 0, 8, 16, 32, 3]]
+    slots = [i % 6 for i in range(40)] + [-1, 2]
+    p = make(torch.bfloat16, 4096, [4096, 1024], ranks, slots, [1] * 42)
+    if accumulate:
+        check(p, 0, path, ctas=ctas)
+        if ctas:
+            check(p, 0, AUTO, ctas=ctas)
+        return
+    y = torch.full_like(p["y0"], NAN)
+    v = torch.empty(y.shape[0], 128, dtype=y.dtype, device="cuda")
+    torch.ops.punica.add_lora(y, p["x"], v, [q["a"] for q in p["projs"]],
+                              [q["b"] for q in p["projs"]], [q["ranks_t"] for q in p["projs"]],
+                              [q["off"] for q in p["projs"]], p["indptr_t"], p["slots_t"], 0,
+                              path, 0, True, False, ctas)
+    want = reference(dict(p, y0=torch.zeros_like(p["y0"])), 0)
+    for q in p["projs"]:
+        win = slice(q["off"], q["off"] + q["fout"])
+        got, ref = y[:, win].float(), want[:, win]
+        assert torch.isfinite(got).all(), "a window element was left unwritten"
+        assert ((got - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
 
 
 @needs_hopper
@@ -157,10 +189,12 @@ def test_wide_layers_with_many_jobs(kernels):
 @needs_hopper
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lens", [[2, 3, 4, 1], [8, 8, 8, 8], [37, 1, 0, 5]])
-def test_segments_of_several_rows(kernels, dtype, lens):
-    """More than one row per segment (4 rows per pass; the cluster barrier is reused)."""
+@pytest.mark.parametrize("path", [FUSED, STREAM, STREAM_LSU])
+def test_segments_of_several_rows(kernels, dtype, lens, path):
+    """More than one row per segment (fused: 4 rows per pass, the cluster barrier reused;
+    streamed: a row after the other)."""
     p = make(dtype, 4096, [4096, 4096], [[16, 32, 128], [64, 16, 8]], [2, 0, 1, 2], lens)
-    check(p, 1, FUSED)
+    check(p, 1, path)
 
 
 @pytest.mark.parametrize("path", [AUTO, SIMT, MMA])
@@ -190,14 +224,17 @@ def test_fused_matches_the_pair_closely(kernels):
 
 
 @needs_hopper
-def test_invalid_slots_and_ranks_touch_nothing(kernels):
+@pytest.mark.parametrize("path", [FUSED, STREAM, STREAM_LSU])
+def test_invalid_slots_and_ranks_touch_nothing(kernels, path):
     p = make(torch.bfloat16, 4096, [4096], [[16, 16]], [5, -7, 1 << 20], [1, 1, 1])
-    y = run(p, 0, FUSED)
+    y = run(p, 0, path)
     assert torch.equal(y, p["y0"])
 
 
 @needs_hopper
-def test_cuda_graph_replay_with_new_slots(kernels):
+@pytest.mark.parametrize("ctas", [0, 8])
+def test_cuda_graph_replay_with_new_slots(kernels, ctas):
+    """ctas 8: the streamed kernel (auto path), as lora_overlap's placement captures it."""
     dtype = torch.bfloat16
     p = make(dtype, 4096, [4096, 1024, 1024], [[16, 64, 8, 128]] * 3, [0, 1, 2, 3] * 4, [1] * 16)
     y = p["y0"].clone()
@@ -207,7 +244,7 @@ def test_cuda_graph_replay_with_new_slots(kernels):
             [q["ranks_t"] for q in p["projs"]], [q["off"] for q in p["projs"]])
 
     def step():
-        torch.ops.punica.add_lora(y, x, v, *args, p["indptr_t"], slot_t, 1)
+        torch.ops.punica.add_lora(y, x, v, *args, p["indptr_t"], slot_t, 1, ctas=ctas)
 
     from helpers import capture_cuda_graph
     graph = capture_cuda_graph(step)
@@ -255,14 +292,14 @@ def test_public_op_uses_cuda_and_matches_the_reference(kernels):
     ("lists", "one entry per projection"), ("five", "1 to 4 projections"),
     ("window", "do not fit in y"), ("cpu_x", "must be a CUDA tensor"),
     ("dtype", "one dtype"), ("fin", "in_features"), ("path", "path must be"),
-    ("v_narrow", "fewer than the max rank"), ("layer", "out of range"),
+    ("v_narrow", "fewer than the max rank"), ("layer", "out of range"), ("ctas", "ctas must be"),
 ])
 def test_rejects_bad_arguments(kernels, case, match):
     p = make(torch.bfloat16, 1024, [1024], [[16, 16]], [0, 1], [1, 1])
     q = p["projs"][0]
     y, x = p["y0"].clone(), p["x"]
     v = torch.zeros(2, 128, dtype=x.dtype, device="cuda")
-    a, b, r, off, layer, path = [q["a"]], [q["b"]], [q["ranks_t"]], [q["off"]], 0, AUTO
+    a, b, r, off, layer, path, ctas = [q["a"]], [q["b"]], [q["ranks_t"]], [q["off"]], 0, AUTO, 0
     if case == "lists":
         b = b * 2
     elif case == "five":
@@ -277,23 +314,26 @@ def test_rejects_bad_arguments(kernels, case, match):
         x = torch.zeros(2, 512, dtype=x.dtype, device="cuda")
     elif case == "path":
         path = 7
+    elif case == "ctas":
+        ctas = -1
     elif case == "v_narrow":
         v = v[:, :8]
     elif case == "layer":
         layer = 2
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.punica.add_lora(y, x, v, a, b, r, off, p["indptr_t"], p["slots_t"], layer, path)
+        torch.ops.punica.add_lora(y, x, v, a, b, r, off, p["indptr_t"], p["slots_t"], layer, path,
+                                  ctas=ctas)
     torch.cuda.synchronize()
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("path", [AUTO, SIMT, FUSED])
+@pytest.mark.parametrize("path", [AUTO, SIMT, FUSED, STREAM, STREAM_LSU])
 @pytest.mark.parametrize("ranks", [[16] * 5, [4, 8, 16, 64, 128]])     # staged and streamed
 def test_store_mode_overwrites_the_windows(kernels, path, ranks):
     """accumulate=False (lora_overlap's delta buffer): every window row of the segments is
     written, with zeros for rows without an adapter, whatever y held; the gaps stay."""
-    if path == FUSED and not hopper():
-        pytest.skip("the fused kernel needs sm_90")
+    if path in (FUSED, STREAM, STREAM_LSU) and not hopper():
+        pytest.skip("the fused and streamed kernels need sm_90")
     dtype = torch.bfloat16
     p = make(dtype, 4096, [4096, 1024, 1024], [ranks] * 3, SLOTS, LENS)
     zero = dict(p, y0=torch.zeros_like(p["y0"]))
