@@ -38,6 +38,7 @@ from benchmarks.common import (ALL_PROJECTIONS, GIB, adapter_bytes, check_device
                                log, model_shape, random_prompts, register_all,
                                renamed, run_requests, sync, warm_up, write_json)
 from punica_core import Engine  # noqa: E402
+from punica_core.model import lora as lora_model  # noqa: E402
 from punica_core.model.kv_cache import KVCache  # noqa: E402
 from punica_core.ops.backend import cuda_ops  # noqa: E402
 
@@ -231,6 +232,9 @@ def main(argv=None):
     ap.add_argument("--lora-overlap", choices=("auto", "on", "off"), default="auto",
                     help="EngineConfig.lora_overlap: each site's LoRA on a side stream "
                          "(auto: the engine's default, on for CUDA)")
+    ap.add_argument("--overlap-kernel", choices=("streamed", "fused"), default=None,
+                    help="model/lora.py's OVERLAP_KERNEL for the LoRA beside each GEMM "
+                         "(default: the engine's, streamed)")
     ap.add_argument("--many-adapters", type=int, default=0, help="N for the zipf case; 0: skip")
     ap.add_argument("--device-stacking", action="store_true",
                     help="EngineConfig.adapter_device_stacking: adapters read in the background "
@@ -272,6 +276,9 @@ def main(argv=None):
         common["adapter_device_stacking"] = True
     if args.lora_overlap != "auto":
         common["lora_overlap"] = args.lora_overlap == "on"
+    if args.overlap_kernel:
+        lora_model.OVERLAP_KERNEL = args.overlap_kernel
+    out["overlap_kernel"] = lora_model.OVERLAP_KERNEL
     t0 = time.perf_counter()
     engine = Engine(engine_config(**common, max_adapters_on_gpu=args.batch))
     log(f"model ready in {time.perf_counter() - t0:.1f}s")

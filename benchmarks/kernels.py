@@ -181,17 +181,21 @@ def bench_decode_case(pool, fin, fout, rows, adapters, seg_ranks, no_adapter_row
                                              call_layers[c], 0, 0, pdl)
         return body
 
-    def ours(pdl=True, cluster=0):    # add_lora: the fused kernel for decode batches on sm_90
+    def ours(pdl=True, cluster=0, ctas=0):    # add_lora: the fused kernel (decode, sm_90)
         def body():
             for c in range(calls):
                 torch.ops.punica.add_lora(y, x, v, [a], [b], [ranks_t], [0], indptr_t,
-                                          slots_t[c], call_layers[c], 0, cluster, pdl)
+                                          slots_t[c], call_layers[c], 0, cluster, pdl,
+                                          ctas=ctas)
         return body
 
     out["ours_s"], out["ours_spread_s"] = time_graph(ours(True), calls)
     out["ours_no_pdl_s"], _ = time_graph(ours(False), calls)
     out["pair_s"], _ = time_graph(pair(True), calls)
     out["pair_no_pdl_s"], _ = time_graph(pair(False), calls)
+    # the streamed kernel (lora_stream.cu, one CTA per SM): add_lora with ctas > 0
+    out["streamed_s"], _ = time_graph(ours(True, 0, torch.cuda.get_device_properties(0)
+                                           .multi_processor_count), calls)
     if eager or sweep:   # which cluster size the auto choice should take
         out["ours_by_cluster_s"] = {c: time_graph(ours(True, c), calls)[0] for c in (4, 8, 16)}
     if eager:
@@ -328,6 +332,7 @@ def finish_decode(r, copy_bw):
     r["ours_frac_copy_bw"] = r["adapter_bytes"] / r["ours_s"] / copy_bw
     r["ours_no_pdl_frac_copy_bw"] = r["adapter_bytes"] / r["ours_no_pdl_s"] / copy_bw
     r["pair_frac_copy_bw"] = r["adapter_bytes"] / r["pair_s"] / copy_bw
+    r["streamed_frac_copy_bw"] = r["adapter_bytes"] / r["streamed_s"] / copy_bw
     r["fused_vs_pair_speedup"] = r["pair_s"] / r["ours_s"]
     for k in ("torch_ref_gather_bmm", "torch_loop_matmul", "torch_padded_bmm"):
         if k + "_s" in r:
@@ -338,7 +343,8 @@ def fmt_decode(r):
     s = (f"{r.get('model', '')[8:]:>4} {r.get('shape', ''):>7} r={str(r.get('rank')):>5} "
          f"rows={r['rows']:>2} A={r['adapters']:>2}  ours {r['ours_s'] * 1e6:7.1f} us "
          f"{r['ours_gbps']:6.0f} GB/s ({100 * r['ours_frac_copy_bw']:3.0f}%, no-PDL "
-         f"{100 * r['ours_no_pdl_frac_copy_bw']:3.0f}%; pair {100 * r['pair_frac_copy_bw']:3.0f}%)")
+         f"{100 * r['ours_no_pdl_frac_copy_bw']:3.0f}%; pair {100 * r['pair_frac_copy_bw']:3.0f}%;"
+         f" streamed {100 * r['streamed_frac_copy_bw']:3.0f}%)")
     if "torch_ref_gather_bmm_speedup" in r:
         s += (f"  x{r['torch_ref_gather_bmm_speedup']:.1f} ref  x{r['torch_loop_matmul_speedup']:.1f}"
               f" loop  x{r['torch_padded_bmm_speedup']:.1f} bmm")

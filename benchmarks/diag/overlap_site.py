@@ -13,7 +13,8 @@ for 32 one-row segments (the decode graphs' layout) of one adapter (identical) o
 memory: whether the LoRA CTAs can share an SM with the GEMM's is what decides the overlap.
 --cluster forces the fused kernel's CTAs per (segment, projection) in the overlapped variants
 (the engine's choice is punica_core/model/lora.py's overlap_cluster); --carveouts repeats the
-GEMM variants with cuBLASLt told to leave that many SMs free.
+GEMM variants with cuBLASLt told to leave that many SMs free; --stream-ctas adds the streamed
+kernel (lora_stream.cu) on that many CTAs, alone (lora_s<N>) and overlapped (overlap_s<N>).
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def kernel_attrs(g) -> list[dict]:
     return sorted(by.values(), key=lambda k: -k["us"])
 
 
-def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
+def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster, stream_ctas=(),
+             stream_path=0):
     torch.manual_seed(0)
     dev = "cuda"
     T, slots, r = 32, 32, 16
@@ -112,16 +114,17 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
         for l in range(layers):
             torch.matmul(x, W[l].t(), out=y)
 
-    def lora():
+    def lora(ctas=0):
         for l in range(layers):
-            cuda_backend.add_lora(y, x, v, projs, indptr, sl, l)
+            cuda_backend.add_lora(y, x, v, projs, indptr, sl, l, ctas=ctas,
+                                  path=stream_path if ctas else 0)
 
     def serial():
         for l in range(layers):
             torch.matmul(x, W[l].t(), out=y)
             cuda_backend.add_lora(y, x, v, projs, indptr, sl, l)
 
-    def overlap(gemm_first=False):
+    def overlap(gemm_first=False, ctas=0):
         cur = torch.cuda.current_stream()
         for l in range(layers):
             if gemm_first:      # the GEMM's node is created first; the LoRA waits on x only
@@ -133,7 +136,8 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
                 side.wait_stream(cur)
             with torch.cuda.stream(side):
                 cuda_backend.add_lora(d, x, v, projs, indptr, sl, l, accumulate=False,
-                                      cluster=cluster)
+                                      cluster=cluster, ctas=ctas,
+                                      path=stream_path if ctas else 0)
             if not gemm_first:
                 torch.matmul(x, W[l].t(), out=y)
             cur.wait_stream(side)
@@ -142,6 +146,8 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
            "adapter_bytes_per_site": (1 if mix == "identical" else T) * r * (fin * len(outs) + N) * 2,
            "base_bytes_per_site": N * fin * 2}
     graphs = {"lora": graph_of(lora)}
+    for n in stream_ctas:
+        graphs[f"lora_s{n}"] = graph_of(functools.partial(lora, n))
     for c in carveouts:
         # cuBLASLt picks its kernel for (SMs - c) SMs, leaving c for the LoRA launch (the
         # engine's own switch, as base_projection uses it for o and down)
@@ -151,6 +157,8 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
             graphs["serial" + tag] = graph_of(serial)
             graphs["overlap" + tag] = graph_of(overlap)
             graphs["overlap_gemm_first" + tag] = graph_of(functools.partial(overlap, True))
+            for n in stream_ctas:
+                graphs[f"overlap_s{n}" + tag] = graph_of(functools.partial(overlap, False, n))
     for k, g in graphs.items():
         res[f"{k}_us"] = time_graph(g, reps) / layers
     for k in [k for k in res if k.startswith(("serial", "overlap")) and k.endswith("_us")]:
@@ -158,7 +166,7 @@ def run_site(name, fin, outs, mix, layers, reps, dtype, carveouts, cluster):
         tag = m.group(0)[:-3] if m else ""
         res[k[:-3] + "_added_us"] = res[k] - res["base" + tag + "_us"]
     res["kernels"] = {k: kernel_attrs(g) for k, g in graphs.items()
-                      if k.startswith("overlap") and "gemm_first" not in k}
+                      if k.startswith("overlap") and "gemm_first" not in k and "_s" not in k}
     return res
 
 
@@ -171,18 +179,23 @@ def main():
     ap.add_argument("--carveouts", default="none,16,32",
                     help="SM carve-outs for cuBLASLt (none: torch's default heuristics)")
     ap.add_argument("--cluster", type=int, default=0, help="fused kernel cluster; 0: its own")
+    ap.add_argument("--stream-ctas", default="",
+                    help="comma list of CTA counts for the streamed kernel's variants")
+    ap.add_argument("--stream-path", type=int, default=0, choices=(0, 4, 5),
+                    help="streamed variants: 0 the op's default copies, 4 bulk (TMA), 5 cp.async")
     ap.add_argument("--out", default="/tmp/overlap_site.json")
     args = ap.parse_args()
     assert cuda_backend.available(), "needs the CUDA kernels"
     cfg = NAMED_SHAPES[args.model]
     carveouts = [None if c == "none" else int(c) for c in args.carveouts.split(",")]
     shapes = site_shapes(cfg)
+    stream_ctas = [int(n) for n in args.stream_ctas.split(",") if n]
     rows = []
     for s in args.sites.split(","):
         fin, outs = shapes[s]
         for mix in ("identical", "distinct"):
             r = run_site(s, fin, outs, mix, args.layers, args.reps, torch.bfloat16, carveouts,
-                     args.cluster)
+                         args.cluster, stream_ctas, args.stream_path)
             rows.append(r)
             print(f"{s:8s} {mix:9s} lora {r['lora_us']:5.1f}  (bytes at 4.1 TB/s "
                   f"{r['adapter_bytes_per_site'] / 4.1e6:.1f} us)")
@@ -191,7 +204,12 @@ def main():
                 print(f"     carveout {str(c):4s}: base {r['base' + tag + '_us']:5.1f}  serial +"
                       f"{r['serial' + tag + '_added_us']:5.1f}  overlap +"
                       f"{r['overlap' + tag + '_added_us']:5.1f}  gemm first +"
-                      f"{r['overlap_gemm_first' + tag + '_added_us']:5.1f} us")
+                      f"{r['overlap_gemm_first' + tag + '_added_us']:5.1f} us" +
+                      "".join(f"  s{n} +{r[f'overlap_s{n}' + tag + '_added_us']:5.1f}"
+                              for n in stream_ctas))
+            if stream_ctas:
+                print("     streamed alone:", "  ".join(f"s{n} {r[f'lora_s{n}_us']:5.1f}"
+                                                        for n in stream_ctas))
             torch.cuda.empty_cache()
     for r in rows:
         for variant, ks in r["kernels"].items():
@@ -199,7 +217,7 @@ def main():
                                                          k["smem"]) for k in ks])
     Path(args.out).write_text(json.dumps(
         {"model": args.model, "device": torch.cuda.get_device_name(),
-         "cluster": args.cluster,
+         "cluster": args.cluster, "stream_ctas": stream_ctas, "stream_path": args.stream_path,
          "rows": rows}, indent=2))
 
 

@@ -18,6 +18,13 @@ from ..ops.torch_small_batch import SmallBatchPlan, add_lora_small_batch
 # CTAs; the 64-CTA one it then picks is as fast), the time the LoRA adds beside the GEMM fell from
 # 31 to 16 us a layer with one adapter for all rows, and from 42 to 35 us with 32 adapters.
 OVERLAP_LAUNCH_CTAS = 64
+# The streamed kernel (csrc/lora_stream.cu: one CTA per SM, bulk copies through a ring of shared
+# memory stages) moves several times the bytes per SM of the fused one, so beside a GEMM it is
+# the better tenant of the free SMs. Its CTAs per site as a share of the GPU's SMs, measured on
+# an H200 (132 SMs; Llama-2-7B and 13B, benchmarks/diag/overlap_site.py --stream-ctas):
+OVERLAP_KERNEL = "streamed"          # or "fused" (overlap_cluster's CTAs per item)
+OVERLAP_STREAM_SMS = {"q_proj": 56 / 132, "o_proj": 32 / 132, "gate_proj": 64 / 132,
+                      "down_proj": 48 / 132}
 OVERLAP_FREE_SMS = 32
 OVERLAP_FREE_SMS_SITES = (("o_proj",), ("down_proj",))   # q/k/v ignores it; gate/up got worse
 OVERLAP_FREE_SMS_MAX_ROWS = 256     # memory-bound GEMMs only: prefill chunks keep every SM
@@ -97,7 +104,8 @@ class LoraContext:
             self.side.wait_stream(torch.cuda.current_stream(x.device))   # x is ready
         with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
             self.apply(d, x, layer, projs, accumulate=False,     # d = delta: no zeroing
-                       cluster=overlap_cluster(len(self._slots) * len(projs)))
+                       cluster=overlap_cluster(len(self._slots) * len(projs)),
+                       ctas=overlap_stream_ctas(projs, x.device))
         return d
 
     def base_projection(self, site: tuple[str, ...], delta: torch.Tensor | None):
@@ -121,10 +129,11 @@ class LoraContext:
         return delta
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...],
-              accumulate: bool = True, cluster: int = 0):
+              accumulate: bool = True, cluster: int = 0, ctas: int = 0):
         """out: [T, site_out] fused projection output; x: [T, in] its input. accumulate=False:
         out = the site's delta (every column of the site is written). cluster: the fused
-        kernel's CTAs per (segment, projection), 0 = its own choice."""
+        kernel's CTAs per (segment, projection), 0 = its own choice; ctas > 0: the streamed
+        kernel on that many CTAs instead (decode batches, sm_90)."""
         active = [p for p in projs if self.active.get(p)]
         if not accumulate and (self.small is not None or len(active) < len(projs)):
             out.zero_()     # these paths write only the active projections' windows
@@ -144,7 +153,7 @@ class LoraContext:
                         weights[p].ranks_list if self._lists else weights[p].ranks,
                         self.pool.col_offsets[p]) for p in active]
         ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer, accumulate,
-                     cluster)
+                     cluster, ctas)
 
 
 def overlap_cluster(items: int) -> int:
@@ -154,6 +163,21 @@ def overlap_cluster(items: int) -> int:
     while c > 1 and items * c > OVERLAP_LAUNCH_CTAS:
         c //= 2
     return c
+
+
+def overlap_stream_ctas(site: tuple[str, ...], device) -> int:
+    """CTAs of the streamed kernel for a site's LoRA beside its GEMM (OVERLAP_STREAM_SMS of the
+    device's SMs); 0 (the fused kernel) off CUDA, for unknown sites or with OVERLAP_KERNEL
+    "fused"."""
+    share = OVERLAP_STREAM_SMS.get(site[0])
+    if OVERLAP_KERNEL != "streamed" or share is None or torch.device(device).type != "cuda":
+        return 0
+    return max(1, round(share * _num_sms(torch.device(device))))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @contextlib.contextmanager

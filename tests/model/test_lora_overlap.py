@@ -125,3 +125,20 @@ def test_leaving_sms_free_restores_the_blas_settings():
         with leave_sms_free(16):
             raise ValueError("boom")
     assert torch._C._get_sm_carveout_experimental() == carve
+
+
+def test_streamed_kernel_ctas_per_site(monkeypatch):
+    """Beside a GEMM each site's LoRA runs the streamed kernel on its share of the GPU's SMs
+    (48 of an H200's 132 for q/k/v); the fused kernel (0) off CUDA, for a site without a share,
+    or when OVERLAP_KERNEL says so."""
+    from punica_core.model import lora
+    qkv, o = ("q_proj", "k_proj", "v_proj"), ("o_proj",)
+    assert lora.overlap_stream_ctas(qkv, "cpu") == 0
+    monkeypatch.setattr(lora, "_num_sms", lambda device: 132)
+    assert lora.overlap_stream_ctas(qkv, "cuda") == round(lora.OVERLAP_STREAM_SMS["q_proj"] * 132)
+    assert lora.overlap_stream_ctas(o, "cuda") == round(lora.OVERLAP_STREAM_SMS["o_proj"] * 132)
+    assert lora.overlap_stream_ctas(("lm_head",), "cuda") == 0
+    monkeypatch.setattr(lora, "_num_sms", lambda device: 2)
+    assert lora.overlap_stream_ctas(o, "cuda") >= 1          # never 0 CTAs on a small GPU
+    monkeypatch.setattr(lora, "OVERLAP_KERNEL", "fused")
+    assert lora.overlap_stream_ctas(qkv, "cuda") == 0
