@@ -16,6 +16,8 @@
 // Jobs go to CTAs round-robin; the grid size is the caller's choice (the SMs free beside the
 // GEMM). Rows longer than a stage (in or out features > 16384) fall back to the fused kernel.
 // sm_90 only (bulk copies, mbarrier transaction counts).
+#include <cstdlib>
+
 #include "sgmv_common.cuh"
 
 namespace punica {
@@ -24,9 +26,10 @@ namespace {
 constexpr int kConsumerWarps = 16;
 constexpr int kConsumers = kConsumerWarps * 32;
 constexpr int kStreamThreads = kConsumers + 32;   // + the producer warp
-constexpr int kMaxStages = 6;
-constexpr int kStageBytes = 32 * 1024;
-constexpr int kRowLimit = 16384;                  // elements of a row that fit one stage (2 B)
+constexpr int kMaxStages = 12;
+constexpr int kDefaultStages = 6;
+constexpr int kStageBytes = 32 * 1024;            // the largest stage (and the default)
+constexpr int kRowLimit = kStageBytes / 2;        // elements of a row that fit one stage (2 B)
 constexpr int kGroupsPerThread = kRowLimit / 8 / kConsumers;   // 16-byte column groups (4)
 
 enum ChunkKind : int { kA = 0, kB = 1, kZero = 2, kDone = 3 };
@@ -49,7 +52,7 @@ struct StreamSmem {
 };
 
 struct StreamLayout {
-  int stages;
+  int stages, stage_bytes, row_limit;
   int ring_off, x_off, y_off;   // byte offsets in shared memory
   int x_pitch, y_pitch;         // bytes per x / y buffer
 };
@@ -91,8 +94,8 @@ __device__ __forceinline__ void consumers_sync() {
 }
 
 // Rank rows per stage of a (in features K): whole rows, at most one per consumer warp.
-__host__ __device__ __forceinline__ int a_rows_per_stage(int K, int r) {
-  return min(r, min(kConsumerWarps, kRowLimit / K));
+__host__ __device__ __forceinline__ int a_rows_per_stage(int K, int r, int row_limit) {
+  return min(r, min(kConsumerWarps, row_limit / K));
 }
 
 // TMA: bulk copies (one per stage); else 16-byte cp.async by the producer's 32 lanes.
@@ -165,7 +168,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     };
     auto stage_chunk = [&](const Chunk& c, const void* src, uint32_t bytes) {
       arm(&s.empty[stage], phase ^ 1, &s.full[stage], bytes, &c);
-      copy(ring + size_t(stage) * kStageBytes, src, bytes, &s.full[stage]);
+      copy(ring + size_t(stage) * L.stage_bytes, src, bytes, &s.full[stage]);
       if (++stage == L.stages) {
         stage = 0;
         phase ^= 1;
@@ -202,7 +205,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
         const T* A = static_cast<const T*>(q.a) + slot * q.a_slot_stride;
         const T* B = static_cast<const T*>(q.b) + slot * q.b_slot_stride;
         const int N = q.out_features;
-        const int ra = a_rows_per_stage(K, r), rb = min(r, kRowLimit / N);
+        const int ra = a_rows_per_stage(K, r, L.row_limit), rb = min(r, L.row_limit / N);
         for (int row = start; row < end; ++row, ++seq) {
           const int buf = seq & 1;
           const uint32_t use = (seq >> 1) & 1;
@@ -245,7 +248,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     mbar_wait(&s.full[stage], phase);
     const Chunk c = s.chunk[stage];
     if (c.kind == kDone) break;
-    const uint4* st = reinterpret_cast<const uint4*>(ring + size_t(stage) * kStageBytes);
+    const uint4* st = reinterpret_cast<const uint4*>(ring + size_t(stage) * L.stage_bytes);
     const FusedProj& q = p.proj[c.proj];
     const uint32_t use = (seq >> 1) & 1;
     if (c.kind == kA) {
@@ -274,7 +277,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
         consumers_sync();   // every part of every rank row is in; x is no longer read
         if (tid == 0) mbar_arrive(&s.xempty[c.buf]);
         if (tid < c.r) {
-          const int ra = a_rows_per_stage(K, c.r);
+          const int ra = a_rows_per_stage(K, c.r, L.row_limit);
           const int rows = min(ra, c.r - (tid / ra) * ra);
           float sum = 0.f;
           for (int q2 = 0; q2 < kConsumerWarps / rows; ++q2) sum += s.part[tid][q2];
@@ -344,6 +347,11 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
 
 constexpr int round128(int b) { return (b + 127) & ~127; }
 
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : fallback;
+}
+
 template <typename T, bool TMA>
 cudaError_t launch_stream(DType dt, const FusedParams& p, int ctas, const LaunchOptions& o) {
   int max_n = 0;
@@ -357,10 +365,19 @@ cudaError_t launch_stream(DType dt, const FusedParams& p, int ctas, const Launch
   L.x_pitch = round128(p.in_features * int(sizeof(T)));
   L.y_pitch = p.accumulate ? round128(max_n * int(sizeof(T))) : 0;
   const int fixed = L.ring_off + 2 * L.x_pitch + 2 * L.y_pitch;
-  L.stages = min(kMaxStages, (smem_max - fixed) / kStageBytes);
+  // Diagnostics only (benchmarks/diag/overlap_site.py): PUNICA_STREAM_STAGES (1..12) and
+  // PUNICA_STREAM_STAGE_KB (4..32) override the ring's depth and stage size.
+  static const int env_stages = env_int("PUNICA_STREAM_STAGES", 0);
+  static const int env_kb = env_int("PUNICA_STREAM_STAGE_KB", 0);
+  L.stage_bytes = env_kb >= 4 && env_kb <= 32 ? env_kb * 1024 : kStageBytes;
+  L.row_limit = L.stage_bytes / int(sizeof(T));
+  const int fit = (smem_max - fixed) / L.stage_bytes;
+  L.stages = min(fit, env_stages >= 1 && env_stages <= kMaxStages ? env_stages : kDefaultStages);
   // rows that do not fit a stage (or a GPU with too little shared memory): the fused kernel
-  if (p.in_features > kRowLimit || max_n > kRowLimit || L.stages < 2) return lora_fused(dt, p, o);
-  L.x_off = L.ring_off + L.stages * kStageBytes;
+  if (p.in_features > L.row_limit || max_n > L.row_limit || L.stages < 1 ||
+      (L.stages < 2 && env_stages == 0))
+    return lora_fused(dt, p, o);
+  L.x_off = L.ring_off + L.stages * L.stage_bytes;
   L.y_off = L.x_off + 2 * L.x_pitch;
   const size_t smem = size_t(L.y_off) + 2 * size_t(L.y_pitch);
   auto kernel = lora_stream_kernel<T, TMA>;
