@@ -15,6 +15,9 @@
 //     after the last rank row y is written once (plus y[row] from a y buffer when accumulating).
 // Jobs go to CTAs round-robin; the grid size is the caller's choice (the SMs free beside the
 // GEMM). Rows longer than a stage (in or out features > 16384) fall back to the fused kernel.
+// The copies can also be the producer lanes' cp.async, each lane arriving on the stage's
+// barrier when its own copies land (add_lora path 5; measured no faster). Alone a CTA moves only
+// ~20-34 GB/s (docs/KERNELS.md); beside a GEMM it adds less than the fused kernel.
 // sm_90 only (bulk copies, mbarrier transaction counts).
 #include <cstdlib>
 

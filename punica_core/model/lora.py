@@ -18,10 +18,11 @@ from ..ops.torch_small_batch import SmallBatchPlan, add_lora_small_batch
 # CTAs; the 64-CTA one it then picks is as fast), the time the LoRA adds beside the GEMM fell from
 # 31 to 16 us a layer with one adapter for all rows, and from 42 to 35 us with 32 adapters.
 OVERLAP_LAUNCH_CTAS = 64
-# The streamed kernel (csrc/lora_stream.cu: one CTA per SM, bulk copies through a ring of shared
-# memory stages) moves several times the bytes per SM of the fused one, so beside a GEMM it is
-# the better tenant of the free SMs. Its CTAs per site as a share of the GPU's SMs, measured on
-# an H200 (132 SMs; Llama-2-7B and 13B, benchmarks/diag/overlap_site.py --stream-ctas):
+# The streamed kernel (csrc/lora_stream.cu: one CTA per SM walking its jobs through a ring of
+# bulk-copied shared-memory stages) is slower than the fused one alone but adds less beside a
+# GEMM (13B, 32 distinct adapters: 11.69 vs 12.76 ms a decode step). Its CTAs per site as a share
+# of the GPU's SMs, measured on an H200 (132 SMs; Llama-2-7B and 13B, overlap_site.py
+# --stream-ctas; results/diag/overlap_site_h200_*_streamed.json):
 OVERLAP_KERNEL = "streamed"          # or "fused" (overlap_cluster's CTAs per item)
 OVERLAP_STREAM_SMS = {"q_proj": 56 / 132, "o_proj": 32 / 132, "gate_proj": 64 / 132,
                       "down_proj": 48 / 132}
