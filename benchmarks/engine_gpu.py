@@ -146,11 +146,12 @@ def run_many(args, cfg, loaded, paths: dict, common: dict, rng: random.Random) -
            "zipf_alpha": args.zipf_alpha, "requests": n_req, "max_batch": args.batch,
            "new_tokens_per_request": f"uniform in [{lo}, {hi}] (same sequence in both runs)",
            "working_set": len(working), "slots": args.slots,
-           "host_cache_adapters": args.host_cache}
+           "host_cache_adapters": args.host_cache, "loader_workers": args.loader_workers}
 
     def build(slots, host_cache):
         e = Engine(engine_config(**common, max_adapters_on_gpu=slots,
-                                 host_cache_adapters=host_cache), loaded=loaded)
+                                 host_cache_adapters=host_cache,
+                                 adapter_loader_workers=args.loader_workers), loaded=loaded)
         t = register_all(e, {n: paths[n] for n in files})
         t0 = time.perf_counter()
         for a in aliases:
@@ -241,6 +242,8 @@ def main(argv=None):
                          "are stacked on the device at slot load")
     ap.add_argument("--slots", type=int, default=32, help="device slots in the zipf case")
     ap.add_argument("--host-cache", type=int, default=64, help="host cache in the zipf case")
+    ap.add_argument("--loader-workers", type=int, default=4,
+                    help="EngineConfig.adapter_loader_workers in the zipf case")
     ap.add_argument("--distinct-files", type=int, default=16, help="files behind the N names")
     ap.add_argument("--zipf-alpha", type=float, default=1.0)
     ap.add_argument("--waves", type=int, default=4, help="zipf case: waves x batch requests")

@@ -32,6 +32,7 @@ class EngineConfig:
                                     # (model/lora.py); None: on for CUDA (measured faster:
                                     # benchmarks/results/engine_gpu_h200_7b.json), off on CPU
     host_cache_adapters: int = 64   # parsed adapters kept in host memory
+    adapter_loader_workers: int = 4     # threads that read and parse adapters in the background
     adapter_device_stacking: bool = False   # experimental: adapters read in the background
                                     # (lazy, or re-read after the host cache dropped them) are
                                     # kept as file bytes and stacked / checked on the device at
@@ -42,7 +43,8 @@ class EngineConfig:
 
     def __post_init__(self):
         positive = ("max_batch", "max_tokens_per_step", "max_waiting", "block_size",
-                    "max_adapters_on_gpu", "max_lora_rank", "host_cache_adapters")
+                    "max_adapters_on_gpu", "max_lora_rank", "host_cache_adapters",
+                    "adapter_loader_workers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -37,7 +37,8 @@ class AdapterInfo:
 class AdapterStore:
     def __init__(self, model_cfg: ModelConfig, max_rank: int, host_cache_size: int = 64,
                  max_adapter_bytes: int = 512 << 20, pin_memory: bool = False,
-                 dtype: torch.dtype = torch.float32, device_stacking: bool = False):
+                 dtype: torch.dtype = torch.float32, device_stacking: bool = False,
+                 loader_workers: int = 4):
         self.model_cfg = model_cfg
         self.dtype = dtype              # the slot pool's: a load then copies without converting
         self.max_rank = max_rank
@@ -57,8 +58,11 @@ class AdapterStore:
         self._lock = threading.Lock()
         self.parses = 0                 # adapters read and parsed from their sources so far
         self.parse_seconds = 0.0
-        # parsing is torch copies that release the GIL: a few workers read adapters in parallel
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-loader")
+        # a few workers read adapters in parallel (a parse is mostly reads and torch copies);
+        # how many pay off beside a busy engine loop is measured by engine_gpu.py
+        # --loader-workers (EngineConfig.adapter_loader_workers)
+        self._pool = ThreadPoolExecutor(max_workers=loader_workers,
+                                        thread_name_prefix="adapter-loader")
         # weights files are read into kept buffers: a fresh one costs more in page faults
         # than the read itself (at most 256 MB stay allocated between loads)
         self.read_buffers = ReadBuffers(keep_bytes=256 << 20)

@@ -49,7 +49,8 @@ class Engine:
         self.pool = SlotPool(mcfg, slots, cfg.max_lora_rank, dtype, device)
         self.store = AdapterStore(mcfg, cfg.max_lora_rank, cfg.host_cache_adapters,
                                   cfg.max_adapter_bytes, pin_memory=device.type == "cuda",
-                                  dtype=dtype, device_stacking=cfg.adapter_device_stacking)
+                                  dtype=dtype, device_stacking=cfg.adapter_device_stacking,
+                                  loader_workers=cfg.adapter_loader_workers)
         self.scheduler = Scheduler(cfg, self.kv, self.pool, self.store, self.max_model_len)
         overlap = cfg.lora_overlap if cfg.lora_overlap is not None else device.type == "cuda"
         graphs = DecodeGraphs(self.model, self.kv, self.pool, cfg.max_batch, self.max_model_len,

@@ -51,6 +51,23 @@ def test_host_cache_eviction_reloads_in_background(make_engine, parity_adapters)
     assert len(r.output_ids) == 6 and e.store.is_cached("a")
 
 
+def test_background_reads_use_the_configured_workers(make_engine, parity_adapters):
+    """EngineConfig.adapter_loader_workers sizes the loader: with one worker, two adapters
+    dropped from the host cache are both read back, one after the other; 0 is refused."""
+    from punica_core.config import EngineConfig
+    e = make_engine(max_adapters_on_gpu=1, host_cache_adapters=1, adapter_loader_workers=1)
+    assert e.store._pool._max_workers == 1
+    e.register_adapter("a", parity_adapters["r4_qv"])
+    e.register_adapter("b", parity_adapters["r8_all"])
+    e.register_adapter("c", parity_adapters["r16_mlp_rs"])   # "a" and "b": on disk only
+    assert not e.store.is_cached("a") and not e.store.is_cached("b")
+    reqs = [e.add_request("Hi", GREEDY, n) for n in ("a", "b")]
+    run_to_completion(e)
+    assert all(len(r.output_ids) == 6 for r in reqs)
+    with pytest.raises(ValueError, match="adapter_loader_workers must be >= 1"):
+        EngineConfig(adapter_loader_workers=0)
+
+
 def test_unloaded_meanwhile_fails_only_that_request(make_engine, parity_adapters, tmp_path):
     import shutil
     src = tmp_path / "a"
