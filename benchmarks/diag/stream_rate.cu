@@ -1,7 +1,7 @@
 // Diagnostic: how many bytes per second one SM can pull, by the ways csrc/lora_stream.cu could.
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a benchmarks/diag/stream_rate.cu \
-//        -o /tmp/stream_rate && /tmp/stream_rate [MB_per_CTA]
+//   nvcc -O3 -std=c++17 -Icsrc -gencode=arch=compute_90a,code=sm_90a \
+//        benchmarks/diag/stream_rate.cu -o /tmp/stream_rate && /tmp/stream_rate [MB_per_CTA]
 //
 // Why: the streamed LoRA kernel moves only ~20-34 GB/s per CTA (one CTA per SM), whatever its
 // ring depth, copy engine or L2 residency (docs/KERNELS.md). This program streams disjoint
@@ -20,6 +20,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "sgmv_common.cuh"
+
 #define CHECK(x)                                                                 \
   do {                                                                           \
     cudaError_t e = (x);                                                         \
@@ -33,27 +35,7 @@ constexpr int kConsumerWarps = 16;
 constexpr int kThreads = (kConsumerWarps + 1) * 32;
 constexpr int kMaxStages = 12;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT;\n}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
+using namespace punica;   // the mbarrier, bulk-copy and cp.async helpers of the kernels
 
 enum Mode { kTma = 0, kLsu = 1, kLdg = 2 };
 
@@ -99,25 +81,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t c = 0; c < chunks; ++c) {
       if (lane == 0) {
         mbar_wait(&empty[st], ph ^ 1);
-        if (MODE == kTma) mbar_expect(&full[st], stage_bytes);
+        if (MODE == kTma) mbar_arrive_expect_tx(&full[st], stage_bytes);
       }
       __syncwarp();
       unsigned char* dst = ring + size_t(st) * stage_bytes;
       const char* from = base + c * stage_bytes;
       if (MODE == kTma) {
-        if (lane == 0)
-          asm volatile(
-              "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-              "[%3];" ::"r"(smem_u32(dst)),
-              "l"(from), "r"(stage_bytes), "r"(smem_u32(&full[st]))
-              : "memory");
+        if (lane == 0) bulk_copy(dst, from, stage_bytes, &full[st]);
       } else {
         for (int off = lane * 16; off < stage_bytes; off += 32 * 16)
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst + off)),
-                       "l"(from + off));
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(
-                         smem_u32(&full[st]))
-                     : "memory");
+          cp_async16(dst + off, from + off, 16);
+        cp_async_arrive_noinc(&full[st]);
       }
       if (++st == stages) {
         st = 0;
