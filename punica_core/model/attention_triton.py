@@ -146,7 +146,8 @@ if _HAVE_TRITON:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
+    """The CUDA device's SM count (cached; also sizes model/lora.py's streamed launches)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -154,7 +155,7 @@ def choose_num_partitions(batch: int, num_kv_heads: int, max_context: int,
                           device: torch.device | None = None) -> int:
     """Split-K factor from sizes only: enough programs to fill the GPU several times over
     (memory-bound: we need many loads in flight), but no partition under ~256 tokens."""
-    sms = _sm_count(device.index or 0) if device is not None and device.type == "cuda" else 132
+    sms = sm_count(device.index or 0) if device is not None and device.type == "cuda" else 132
     want = -(-8 * sms // max(1, batch * num_kv_heads))
     cap = max(1, -(-max_context // _MIN_PART_TOKENS))
     return max(1, min(want, cap, _MAX_PARTS))

@@ -9,6 +9,7 @@ import torch
 from .. import ops
 from ..engine.layout import LoraSegments
 from ..ops.torch_small_batch import SmallBatchPlan, add_lora_small_batch
+from .attention_triton import sm_count
 
 # lora_overlap: the side launch should leave the base GEMM its SMs. cuBLAS's decode GEMMs hold
 # a whole SM per CTA (384 threads x 168 registers) and launch 96-128 CTAs, so a LoRA CTA runs
@@ -173,12 +174,7 @@ def overlap_stream_ctas(site: tuple[str, ...], device) -> int:
     share = OVERLAP_STREAM_SMS.get(site[0])
     if OVERLAP_KERNEL != "streamed" or share is None or torch.device(device).type != "cuda":
         return 0
-    return max(1, round(share * _num_sms(torch.device(device))))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, round(share * sm_count(torch.device(device).index or 0)))
 
 
 @contextlib.contextmanager

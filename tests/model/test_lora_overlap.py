@@ -134,11 +134,11 @@ def test_streamed_kernel_ctas_per_site(monkeypatch):
     from punica_core.model import lora
     qkv, o = ("q_proj", "k_proj", "v_proj"), ("o_proj",)
     assert lora.overlap_stream_ctas(qkv, "cpu") == 0
-    monkeypatch.setattr(lora, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(lora, "sm_count", lambda device_index: 132)
     assert lora.overlap_stream_ctas(qkv, "cuda") == round(lora.OVERLAP_STREAM_SMS["q_proj"] * 132)
     assert lora.overlap_stream_ctas(o, "cuda") == round(lora.OVERLAP_STREAM_SMS["o_proj"] * 132)
     assert lora.overlap_stream_ctas(("lm_head",), "cuda") == 0
-    monkeypatch.setattr(lora, "_num_sms", lambda device: 2)
+    monkeypatch.setattr(lora, "sm_count", lambda device_index: 2)
     assert lora.overlap_stream_ctas(o, "cuda") >= 1          # never 0 CTAs on a small GPU
     monkeypatch.setattr(lora, "OVERLAP_KERNEL", "fused")
     assert lora.overlap_stream_ctas(qkv, "cuda") == 0
