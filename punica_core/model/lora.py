@@ -21,9 +21,9 @@ from .attention_triton import sm_count
 OVERLAP_LAUNCH_CTAS = 64
 # The streamed kernel (csrc/lora_stream.cu: one CTA per SM walking its jobs through a ring of
 # bulk-copied shared-memory stages) is slower than the fused one alone but adds less beside a
-# GEMM (13B, 32 distinct adapters: 11.69 vs 12.76 ms a decode step). Its CTAs per site as a share
-# of the GPU's SMs, measured on an H200 (132 SMs; Llama-2-7B and 13B, overlap_site.py
-# --stream-ctas; results/diag/overlap_site_h200_*_streamed.json):
+# GEMM (13B, 32 distinct adapters: LoRA added 1.38x vs 2.42x its bytes' read time). Its CTAs
+# per site as a share of the GPU's SMs, measured on an H200 (132 SMs; Llama-2-7B and 13B,
+# overlap_site.py --stream-ctas; results/diag/overlap_site_h200_*_streamed.json):
 OVERLAP_KERNEL = "streamed"          # or "fused" (overlap_cluster's CTAs per item)
 OVERLAP_STREAM_SMS = {"q_proj": 56 / 132, "o_proj": 32 / 132, "gate_proj": 64 / 132,
                       "down_proj": 48 / 132}
