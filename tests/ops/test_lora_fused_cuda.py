@@ -206,12 +206,13 @@ def test_pair_fallback(kernels, path):
 
 def test_sizes_without_16_byte_rows(kernels):
     """in/out features not multiples of 8: auto takes the pair's element-load path; the fused
-    kernel refuses them with a message."""
+    and streamed kernels refuse them with a message."""
     p = make(torch.float16, 1001, [577, 33], [[16, 5], [3, 128]], [1, 0, -1], [1, 1, 1], gap=3)
     check(p, 0, AUTO)
     if hopper():
-        with pytest.raises(RuntimeError, match="16-byte"):
-            run(p, 0, FUSED)
+        for path in (FUSED, STREAM, STREAM_LSU):
+            with pytest.raises(RuntimeError, match="16-byte"):
+                run(p, 0, path)
 
 
 @needs_hopper
