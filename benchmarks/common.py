@@ -227,10 +227,18 @@ def run_requests(engine, prompts, adapters, new_tokens, timeout_s: float = 600.0
     n_steps = engine.metrics.counters["steps"] - steps_before
     steps = engine.metrics.recent(n_steps)
     decode = [s.duration_s * 1e3 for s in steps if s.prefill_tokens == 0]
+    prefill = [s.duration_s * 1e3 for s in steps if s.prefill_tokens > 0]
+    # where the wall time goes: decode steps, steps with prefill tokens, and outside steps
+    # (scheduling, admission, waiting for adapter loads)
     return {"tokens_per_s": sum(len(r.output_ids) for r in reqs) / dt, "seconds": dt,
             "requests": len(reqs), "tokens": sum(len(r.output_ids) for r in reqs),
             "steps": n_steps, "decode_steps": len(decode),
             "decode_step_ms_p50": pct(decode, 50), "decode_step_ms_p99": pct(decode, 99),
+            "decode_steps_s": sum(decode) / 1e3, "prefill_steps": len(prefill),
+            "prefill_tokens": sum(s.prefill_tokens for s in steps),
+            "prefill_step_ms_p50": pct(prefill, 50), "prefill_step_ms_max": max(prefill, default=None),
+            "prefill_steps_s": sum(prefill) / 1e3,
+            "outside_steps_s": dt - (sum(decode) + sum(prefill)) / 1e3,
             "distinct_adapters": len({a for a in adapters if a})}
 
 

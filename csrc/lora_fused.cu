@@ -31,6 +31,19 @@ constexpr int NU = 8;   // rank rows in flight (expand)
 
 __host__ __device__ constexpr int round8(int v) { return (v + 7) & ~7; }
 
+// Diagnostic stamps (benchmarks/diag/fused_timeline.cu builds with PUNICA_TIMELINE); empty here.
+#ifdef PUNICA_TIMELINE
+__device__ __forceinline__ void tl_stamp(const FusedParams& p, int k) {
+  if (threadIdx.x != 0) return;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  p.tl[(size_t(p.tl_launch) * gridDim.x + blockIdx.x) * 8 + k] = t;
+}
+#define TL_STAMP(p, k) tl_stamp(p, k)
+#else
+#define TL_STAMP(p, k)
+#endif
+
 // Shared memory of one CTA: the larger of the staged path (a and b slices of rank_block rows,
 // x and y slices) and the streaming path (x slice, the rank groups' partial sums); then the
 // partial and full v. MT: rows of a segment per pass (1 for decode batches, else 4).
@@ -167,8 +180,19 @@ __device__ __forceinline__ void reduce_cluster(cg::cluster_group& cluster, float
   const int C = int(cluster.num_blocks());
   for (int i = threadIdx.x; i < mt * r; i += kThreads) {
     const int m = i / r, j = i % r;
+    // up to 8 remote loads in flight before the adds (same order of sums as one at a time);
+    // measured: the span barely changes (~1-1.4 us with its two cluster barriers,
+    // benchmarks/diag/fused_timeline.cu and cluster_barrier.cu)
     float sum = 0.f;
-    for (int q = 0; q < C; ++q) sum += cluster.map_shared_rank(part, q)[m * kMaxRank + j];
+    for (int q0 = 0; q0 < C; q0 += 8) {
+      float got[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        got[q] = q0 + q < C ? cluster.map_shared_rank(part, q0 + q)[m * kMaxRank + j] : 0.f;
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        if (q0 + q < C) sum += got[q];
+    }
     vfull[m * kMaxRank + j] = to_float(from_float<T>(sum));
   }
   cluster_arrive();
@@ -198,7 +222,9 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
     cp_async16(Bs + j * Nc + c * 8, sl.B + j * sl.N + c * 8, 16);
   }
   cp_async_commit();
+  TL_STAMP(p, 2);
   pdl_wait();  // x and y may be written by the previous kernel
+  TL_STAMP(p, 3);
   const T* __restrict__ x = static_cast<const T*>(p.x);
   bool first = true;
   for (int row0 = sl.start; row0 < sl.end; row0 += MT) {
@@ -216,8 +242,11 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
     if (!first) cluster_wait();  // the cluster has finished reading the previous partials
     first = false;
     __syncthreads();
+    TL_STAMP(p, 4);
     shrink_partial<T, MT, false>(part, xs, Kc, As, Kc, sl.nk8, r, mt);
+    TL_STAMP(p, 7);
     reduce_cluster<T>(cluster, part, vfull, r, mt);
+    TL_STAMP(p, 5);
     // expand: each thread owns column pairs of the slice (no rank split, no reduction)
     const int nn2 = sl.nn8 * 4;
     for (int c2 = tid; c2 < nn2; c2 += kThreads) {
@@ -250,6 +279,7 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
     __syncthreads();  // xs, ys and vfull are reused by the next rows
   }
   cluster_wait();  // no CTA leaves while another may still read its partials
+  TL_STAMP(p, 6);
 }
 
 // Streaming path (rank > rank_block): weights through registers from L2 (all of them
@@ -335,6 +365,7 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
   pdl_launch_dependents();
+  TL_STAMP(p, 0);
   cg::cluster_group cluster = cg::this_cluster();
   const int C = int(cluster.num_blocks()), crank = int(cluster.block_rank());
   const int item = blockIdx.x / C;
@@ -345,6 +376,7 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
   sa.num_slots = pr.num_slots;
   sa.max_rank = pr.max_rank;
   const Segment g = load_segment(sa, s);
+  TL_STAMP(p, 1);
   Slice<T> sl;
   sl.K = p.in_features;
   sl.N = pr.out_features;

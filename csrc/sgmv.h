@@ -86,6 +86,10 @@ struct FusedParams {
   int rank_block;             // rank rows whose weight slices are staged in shared memory
   int n_pitch;                // staged row length of b (the widest projection's column slice)
   bool accumulate;            // y += delta; false: y = delta (rows of inactive segments get 0)
+#ifdef PUNICA_TIMELINE       // diagnostic builds only (benchmarks/diag/fused_timeline.cu)
+  unsigned long long* tl;     // [launches][grid][8] %globaltimer stamps
+  int tl_launch;
+#endif
 };
 
 struct LaunchOptions {

@@ -42,6 +42,9 @@ class BatchLayout:
     # decode-only steps on CUDA (the graph runner): paged attention reads the block tables
     block_tables: torch.Tensor | None = None    # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None    # [B] int32 (0 for padding rows)
+    # the decode rows of any step, for the paged kernel on CUDA (steps that also prefill)
+    decode_block_tables: torch.Tensor | None = None     # [Bd, blocks] int32
+    decode_context_lens: torch.Tensor | None = None     # [Bd] int32
     stats: dict = field(default_factory=dict)
 
     @property
@@ -94,6 +97,8 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> Batch
         return torch.tensor(table, dtype=torch.long)[p // block_size] * block_size \
             + p % block_size
 
+    to = dict(device=device)
+    tables = lens = None
     if decode_rows:
         width = max(decode_ctx)
         kv_index = torch.zeros(len(decode_rows), width, dtype=torch.long)
@@ -101,11 +106,15 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> Batch
         for i, (table, ctx) in enumerate(zip(decode_tables, decode_ctx)):
             kv_index[i, :ctx] = flat_index(table, ctx)
             kv_mask[i, :ctx] = True
+        if torch.device(device).type == "cuda":
+            blocks = -(-width // block_size)
+            tables = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks]))
+                                   for t in decode_tables], dtype=torch.int32, **to)
+            lens = torch.tensor(decode_ctx, dtype=torch.int32, **to)
     else:
         kv_index = torch.zeros(0, 0, dtype=torch.long)
         kv_mask = torch.zeros(0, 0, dtype=torch.bool)
 
-    to = dict(device=device)
     lora = LoraSegments(indptr, seg_slots,
                         torch.tensor(indptr, dtype=torch.int32, **to),
                         torch.tensor(seg_slots, dtype=torch.int32, **to))
@@ -118,4 +127,4 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> Batch
         prefills=[PrefillChunk(s, e, flat_index(t, fp + e - s).to(device), fp)
                   for s, e, t, fp in prefills],
         logit_rows=torch.tensor(logit_rows, dtype=torch.long, **to),
-        lora=lora)
+        lora=lora, decode_block_tables=tables, decode_context_lens=lens)

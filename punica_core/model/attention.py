@@ -6,6 +6,8 @@ own causal mask instead of building one.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -13,11 +15,17 @@ from ..engine.layout import BatchLayout
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        layout: BatchLayout, scale: float) -> torch.Tensor:
+                        layout: BatchLayout, scale: float,
+                        decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+                        ) -> torch.Tensor:
     """q: [T, heads, D]; k_cache/v_cache: one layer's [slots, kv_heads, D], already holding this
-    step's keys. Returns [T, heads, D]."""
+    step's keys. Returns [T, heads, D]. decode: attention of the decode rows' queries
+    ([Bd, heads, D] -> [Bd, heads, D]) by another kernel (the paged Triton one on CUDA)
+    instead of a gather + SDPA."""
     out = torch.empty_like(q)
-    if layout.decode_rows.numel():
+    if layout.decode_rows.numel() and decode is not None:
+        out[layout.decode_rows] = decode(q[layout.decode_rows])
+    elif layout.decode_rows.numel():
         rows = layout.decode_rows
         idx = layout.decode_kv_index                            # [Bd, C]
         shape = (*idx.shape, *k_cache.shape[1:])

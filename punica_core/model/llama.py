@@ -11,6 +11,12 @@ import torch
 
 from ..engine.layout import BatchLayout
 from .attention import paged_attention_ref
+
+# Eager steps on CUDA in fp16/bf16 (those that also prefill, as in continuous batching, or that
+# no CUDA graph fits) run their decode rows' attention in the paged Triton kernel, not a gather
+# + SDPA over padded contexts (benchmarks/diag/mixed_steps.py). Tests switch it off for the
+# reference.
+MIXED_STEP_PAGED_DECODE = True
 from .config import ModelConfig
 from .fused_triton import fused_ops
 from .fused_triton import rms_norm_torch as rms_norm  # noqa: F401 - the reference, by name
@@ -66,7 +72,17 @@ class LlamaModel:
             from .attention_triton import paged_decode_attention
             return paged_decode_attention(q, kv.k[layer], kv.v[layer], layout.block_tables,
                                           layout.context_lens, kv.block_size, self.scale)
-        return paged_attention_ref(q, kv.k[layer], kv.v[layer], layout, self.scale)
+        decode = None
+        if layout.decode_block_tables is not None and MIXED_STEP_PAGED_DECODE \
+                and q.dtype != torch.float32:     # an eager step on CUDA (fp32: the reference)
+            from .attention_triton import paged_decode_attention, triton_available
+            if triton_available():
+                def decode(qd):
+                    return paged_decode_attention(qd, kv.k[layer], kv.v[layer],
+                                                  layout.decode_block_tables,
+                                                  layout.decode_context_lens, kv.block_size,
+                                                  self.scale)
+        return paged_attention_ref(q, kv.k[layer], kv.v[layer], layout, self.scale, decode)
 
     @staticmethod
     def _project(x, weight, bias, lora: LoraContext | None, layer: int, site

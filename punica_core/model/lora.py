@@ -31,6 +31,14 @@ OVERLAP_FREE_SMS = 32
 OVERLAP_FREE_SMS_SITES = (("o_proj",), ("down_proj",))   # q/k/v ignores it; gate/up got worse
 OVERLAP_FREE_SMS_MAX_ROWS = 256     # memory-bound GEMMs only: prefill chunks keep every SM
 
+# A step whose longest segment has more rows than this (a prefill chunk beside decode rows, as
+# in continuous batching) runs the tensor-core pair (path 2), without the side-stream overlap:
+# the decode kernels (fused and streamed) walk a segment's rows a few at a time on one cluster
+# or CTA, which took a 7B step with one 128-row chunk beside 31 decode rows ~250 ms instead of
+# ~10 (benchmarks/diag/mixed_steps.py). The op's own test (rows <= 8 x segments) averages.
+LONG_SEGMENT_ROWS = 8
+PAIR_PATH = 2
+
 # Without the CUDA kernels (CPU, or a GPU without the extension): with at least this many
 # adapter segments and at most this many rows, one batched matmul over all slots beats a pair
 # of matmuls per segment (see ops/torch_small_batch.py).
@@ -49,7 +57,10 @@ class LoraContext:
     def __init__(self, pool, segments: LoraSegments, num_rows: int, dtype, device,
                  overlap: bool = False):
         self.pool = pool
-        self._overlap(overlap, device)
+        ind = segments.indptr
+        longest = max((ind[i + 1] - ind[i] for i in range(len(ind) - 1)), default=0)
+        self.path = PAIR_PATH if longest > LONG_SEGMENT_ROWS else 0
+        self._overlap(overlap and self.path == 0, device)
         self.seg = segments
         # v: [T, max_rank] shrink output, shared by all projections (each reads its own :rank)
         self.v = torch.empty(num_rows, pool.max_rank, dtype=dtype, device=device)
@@ -79,7 +90,7 @@ class LoraContext:
         read on the host and the step can be captured in a CUDA graph (CUDA kernels only;
         a slot's rank 0 makes its projection a no-op inside the kernel)."""
         ctx = cls.__new__(cls)
-        ctx.pool, ctx.v, ctx.small = pool, v, None
+        ctx.pool, ctx.v, ctx.small, ctx.path = pool, v, None, 0    # 1-row segments
         ctx._overlap(overlap, v.device)
         ctx._indptr, ctx._slots, ctx._lists = indptr_t, slot_ids_t, False
         ctx.rank = {p: pool.max_rank for p in pool.projections}
@@ -155,7 +166,7 @@ class LoraContext:
                         weights[p].ranks_list if self._lists else weights[p].ranks,
                         self.pool.col_offsets[p]) for p in active]
         ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer, accumulate,
-                     cluster, ctas)
+                     cluster, ctas, self.path)
 
 
 def overlap_cluster(items: int) -> int:

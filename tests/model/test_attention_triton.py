@@ -224,3 +224,27 @@ def test_cuda_graph_replay_after_inputs_change(shape, parts):
     want = reference(q, kc, vc, bt, cl, bs, scale)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.cuda
+def test_step_that_prefills_runs_its_decode_rows_through_the_paged_kernel():
+    """A continuous-batching step (a prefill chunk beside decode rows): build_layout gives the
+    decode rows block tables on CUDA, and the paged kernel on them equals the gather + SDPA
+    reference for every row (the chunk's rows keep the reference)."""
+    from punica_core.engine.layout import ScheduledChunk, build_layout
+    bs, H, KVH, D = 16, 4, 2, 64
+    chunks = [ScheduledChunk([1] * 20, 0, [3, 7], -1, True),
+              ScheduledChunk([5], 33, [9, 2, 11, 4], 0, True),     # table longer than needed
+              ScheduledChunk([6], 4, [5], 0, True)]
+    layout = build_layout(chunks, bs, "cuda")
+    assert layout.decode_block_tables.dtype == torch.int32
+    assert layout.decode_block_tables.shape == (2, 3)
+    assert layout.decode_context_lens.tolist() == [34, 5]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(22, H, D, generator=g).cuda()
+    kc, vc = (torch.randn(16 * bs, KVH, D, generator=g).cuda() for _ in range(2))
+    scale = D ** -0.5
+    want = paged_attention_ref(q, kc, vc, layout, scale)
+    got = paged_attention_ref(q, kc, vc, layout, scale, decode=lambda qd: at.paged_decode_attention(
+        qd, kc, vc, layout.decode_block_tables, layout.decode_context_lens, bs, scale))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

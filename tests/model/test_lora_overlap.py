@@ -142,3 +142,25 @@ def test_streamed_kernel_ctas_per_site(monkeypatch):
     assert lora.overlap_stream_ctas(o, "cuda") >= 1          # never 0 CTAs on a small GPU
     monkeypatch.setattr(lora, "OVERLAP_KERNEL", "fused")
     assert lora.overlap_stream_ctas(qkv, "cuda") == 0
+
+
+def test_a_step_with_a_long_segment_takes_the_pair_path_without_overlap():
+    """A prefill chunk beside decode rows (a segment over LONG_SEGMENT_ROWS rows): the decode
+    kernels would walk its rows a few at a time, so the op is asked for the tensor-core pair
+    and the side-stream overlap is off; decode-shaped steps keep both."""
+    from punica_core.engine.layout import LoraSegments
+    from punica_core.model import lora as lora_model
+
+    class Pool:
+        max_rank, projections = 8, ()
+        weights, col_offsets = {}, {}
+
+    def ctx(indptr):
+        seg = LoraSegments(indptr, [0] * (len(indptr) - 1), torch.tensor(indptr),
+                           torch.zeros(len(indptr) - 1, dtype=torch.int32))
+        return lora_model.LoraContext(Pool(), seg, indptr[-1], torch.float32, "cpu",
+                                      overlap=True)
+    long = ctx([0, 1, 2, 2 + lora_model.LONG_SEGMENT_ROWS + 1])
+    assert long.path == lora_model.PAIR_PATH and long.overlap is False
+    short = ctx([0, 1, 2, 2 + lora_model.LONG_SEGMENT_ROWS])
+    assert short.path == 0 and short.overlap is True

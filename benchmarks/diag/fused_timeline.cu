@@ -1,0 +1,130 @@
+// Diagnostic: where the time of a chain of fused LoRA launches goes (csrc/lora_fused.cu).
+//
+//   nvcc -O3 -std=c++17 -Icsrc -DPUNICA_TIMELINE -gencode=arch=compute_90a,code=sm_90a \
+//        benchmarks/diag/fused_timeline.cu -o /tmp/fused_timeline && /tmp/fused_timeline
+//
+// Why: 32 rows with 32 distinct rank-16 adapters (8 MiB) take ~5 us a launch in a CUDA graph of
+// back-to-back launches, against 2 us for the bytes at the copy bandwidth and ~1 us for an empty
+// launch. The kernel writes %globaltimer stamps per CTA (PUNICA_TIMELINE builds only): entry,
+// after the segment metadata, after issuing its weight copies, after griddepcontrol.wait, when
+// its weights and x/y have arrived, after the cluster reduction, at exit. Printed per launch
+// (relative to the first launch's first entry, in ns): when its CTAs start (first / median / last),
+// when their waits release, when their weights are in (median / last), when they end.
+// Not part of the build or the tests; no torch.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "lora_fused.cu"   // -Icsrc (or another copy, for an A/B)
+
+#define CHECK(x)                                                                 \
+  do {                                                                           \
+    cudaError_t e = (x);                                                         \
+    if (e != cudaSuccess) {                                                      \
+      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e));      \
+      std::exit(1);                                                              \
+    }                                                                            \
+  } while (0)
+
+using namespace punica;
+
+int main(int argc, char** argv) {
+  const int rows = argc > 1 ? std::atoi(argv[1]) : 32;    // = adapters (1-row segments)
+  const int fin = argc > 2 ? std::atoi(argv[2]) : 4096;
+  const int fout = argc > 3 ? std::atoi(argv[3]) : 4096;
+  const int rank = 16, slots = rows, layers = 32, launches = 32;
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const size_t a_elems = size_t(slots) * layers * rank * fin, b_elems = size_t(slots) * layers * rank * fout;
+  __nv_bfloat16 *a, *b, *x, *y;
+  CHECK(cudaMalloc(&a, a_elems * 2));
+  CHECK(cudaMalloc(&b, b_elems * 2));
+  CHECK(cudaMalloc(&x, size_t(rows) * fin * 2));
+  CHECK(cudaMalloc(&y, size_t(rows) * fout * 2));
+  CHECK(cudaMemset(a, 0, a_elems * 2));
+  CHECK(cudaMemset(b, 0, b_elems * 2));
+  CHECK(cudaMemset(x, 0, size_t(rows) * fin * 2));
+  CHECK(cudaMemset(y, 0, size_t(rows) * fout * 2));
+  std::vector<int32_t> h_indptr(rows + 1), h_slots(rows), h_ranks(slots, rank);
+  for (int i = 0; i <= rows; ++i) h_indptr[i] = i;
+  for (int i = 0; i < rows; ++i) h_slots[i] = (i * 7) % slots;
+  int32_t *indptr, *slot_ids, *ranks;
+  CHECK(cudaMalloc(&indptr, (rows + 1) * 4));
+  CHECK(cudaMalloc(&slot_ids, rows * 4));
+  CHECK(cudaMalloc(&ranks, slots * 4));
+  CHECK(cudaMemcpy(indptr, h_indptr.data(), (rows + 1) * 4, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(slot_ids, h_slots.data(), rows * 4, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(ranks, h_ranks.data(), slots * 4, cudaMemcpyHostToDevice));
+  const int cluster = lora_fused_cluster(rows, sms);
+  const int grid = rows * cluster;
+  unsigned long long* tl;
+  CHECK(cudaMalloc(&tl, size_t(launches) * grid * 8 * 8));
+
+  for (int pdl = 1; pdl >= 0; --pdl) {
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    for (int l = 0; l < launches; ++l) {
+      FusedParams p{};
+      p.seg = SegmentArgs{indptr, slot_ids, ranks, rows, slots, rows, rank};
+      p.proj[0] = FusedProj{a + size_t(l % layers) * rank * fin, b + size_t(l % layers) * rank * fout,
+                            int64_t(layers) * rank * fin, int64_t(layers) * rank * fout, ranks,
+                            slots, rank, fout, 0};
+      p.num_proj = 1;
+      p.x = x;
+      p.x_stride = fin;
+      p.in_features = fin;
+      p.y = y;
+      p.y_stride = fout;
+      p.cluster = cluster;
+      p.accumulate = true;
+      p.tl = tl;
+      p.tl_launch = l;
+      CHECK(lora_fused(DType::kBFloat16, p, LaunchOptions{s, sms, true, pdl != 0}));
+    }
+    CHECK(cudaStreamEndCapture(s, &graph));
+    cudaGraphExec_t exec;
+    CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int w = 0; w < 3; ++w) CHECK(cudaGraphLaunch(exec, s));
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    CHECK(cudaEventRecord(e0, s));
+    const int reps = 20;
+    for (int w = 0; w < reps; ++w) CHECK(cudaGraphLaunch(exec, s));
+    CHECK(cudaEventRecord(e1, s));
+    CHECK(cudaStreamSynchronize(s));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    const double per = ms * 1e3 / reps / launches;
+    const double bytes = double(rows) * rank * (fin + fout) * 2;
+    std::printf("\n== pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: %.2f us/launch, "
+                "%.0f GB/s on the weights\n", pdl, rows, fin, fout, rank, cluster, grid, per,
+                bytes / per * 1e-3);
+    std::vector<unsigned long long> h(size_t(launches) * grid * 8);
+    CHECK(cudaMemcpy(h.data(), tl, h.size() * 8, cudaMemcpyDeviceToHost));
+    unsigned long long t0 = ~0ull;
+    for (int c = 0; c < grid; ++c) t0 = std::min(t0, h[size_t(c) * 8]);
+    std::printf("launch | start first..med..last | meta med | issued med | wait first..last | "
+                "data med..last | shrunk med | reduced med | end first..last   (ns from launch 0's start)\n");
+    for (int l = 0; l < launches; ++l) {
+      auto col = [&](int k) {
+        std::vector<long long> v(grid);
+        for (int c = 0; c < grid; ++c) v[c] = (long long)(h[(size_t(l) * grid + c) * 8 + k] - t0);
+        std::sort(v.begin(), v.end());
+        return v;
+      };
+      auto st = col(0), me = col(1), is = col(2), wa = col(3), da = col(4), re = col(5), en = col(6),
+           sh = col(7);
+      const int m = grid / 2;
+      std::printf("%3d | %7lld..%7lld..%7lld | %7lld | %7lld | %7lld..%7lld | %7lld..%7lld | %7lld | "
+                  "%7lld | %7lld..%7lld\n", l, st[0], st[m], st[grid - 1], me[m], is[m], wa[0], wa[grid - 1],
+                  da[m], da[grid - 1], sh[m], re[m], en[0], en[grid - 1]);
+    }
+    CHECK(cudaGraphExecDestroy(exec));
+    CHECK(cudaGraphDestroy(graph));
+  }
+  return 0;
+}
