@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AdapterError
 from ..model.config import PROJECTIONS, ModelConfig
-from .stacking import byte_tensor, check_finite, stack_projection, tensor_views
+from .stacking import byte_tensor, check_finite, stack_projection, tensor_refs
 from .weights_reader import Alloc, ReadBuffers, lease_buffers, read_weights_file
 
 __all__ = ["LoraAdapter", "RawWeights", "AdapterPlan", "ReadBuffers", "parse_adapter",
@@ -467,7 +467,7 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin,
         where = f"{label}/{WEIGHTS_NAME}"
         nbytes = len(blob)
         blob = byte_tensor(blob)
-        tensors = tensor_views(blob, plan.header, plan.data_start)   # no copy
+        tensors = tensor_refs(plan.header, plan.data_start)   # offsets: no torch call each
         weights = {}
         for proj, items in plan.per_proj.items():
             A, B = stack_projection(model_cfg, proj, [(layer, tensors[ka], tensors[kb], scale)

@@ -13,7 +13,7 @@ import torch
 from ..errors import AdapterError, AdapterInUseError
 from ..model.config import PROJECTIONS, ModelConfig
 from .peft import LoraAdapter
-from .stacking import check_finite, stack_into, tensor_views
+from .stacking import check_finite, stack_into, tensor_refs
 
 
 @dataclass
@@ -158,7 +158,7 @@ class SlotPool:
         into a flag that is_ready reads once the copy is done."""
         raw = adapter.raw
         blob = raw.blob.to(self.device, non_blocking=True)
-        views = tensor_views(blob, raw.header, raw.data_start)
+        views = tensor_refs(raw.header, raw.data_start)
         sums = []
         for p, w in self.weights.items():
             items = raw.per_proj.get(p)

@@ -4,8 +4,10 @@ dtype, every element written once; then the NaN / inf check that names the first
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +30,7 @@ def finite_layers(w: torch.Tensor) -> torch.Tensor:
 
 def stack_projection(model_cfg: ModelConfig, proj: str, items, blob, dtype: torch.dtype,
                      pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """items: [(layer, a [r, in], b [out, r], scale)], views of blob -> (A [layers, r_max, in],
+    """items: [(layer, a [r, in], b [out, r], scale)], TensorRefs into blob -> (A [layers, r_max, in],
     B [layers, r_max, out]) with B = b.t() * scale, new host tensors (pinned if asked)."""
     r_max = max(a.shape[0] for _, a, _, _ in items)
     fan_in, fan_out = model_cfg.proj_shapes[proj]
@@ -66,22 +68,38 @@ def byte_tensor(blob: bytes | memoryview) -> torch.Tensor:
         return torch.frombuffer(blob, dtype=torch.uint8)
 
 
-def tensor_views(blob: torch.Tensor, header: dict, data_start: int) -> dict[str, torch.Tensor]:
-    """The file's tensors as views of blob, a uint8 tensor of the whole file (byte_tensor, or
-    a copy on the GPU); data_start = 8 + header length. `header` was checked by _check_header. A tensor
-    whose bytes are not aligned to its element size (rare: safetensors writers pad the
-    header) gets an aligned copy."""
-    out = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _TORCH_DTYPES[meta["dtype"]]
-        start, end = (data_start + o for o in meta["data_offsets"])
-        raw = blob[start:end]
-        if start % dtype.itemsize:
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one of the file's tensors lies in its bytes: plain numbers, no torch object, so a
+    parse makes one view per run of layers instead of two per tensor (each torch call hands the
+    GIL over once more: beside a busy engine loop that, not the copying, was most of a parse)."""
+    offset: int                     # byte offset in the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def view(self, blob: torch.Tensor) -> torch.Tensor:
+        """The tensor as a view of blob (an aligned copy if its bytes are not aligned to its
+        element size: rare, safetensors' writers pad the header)."""
+        raw = blob[self.offset:self.offset + self.numel * self.itemsize]
+        if self.offset % self.itemsize:
             raw = raw.clone()
-        out[key] = raw.view(dtype).view(meta["shape"])
-    return out
+        return raw.view(self.dtype).view(self.shape)
+
+
+def tensor_refs(header: dict, data_start: int) -> dict[str, TensorRef]:
+    """The file's tensors as TensorRefs; data_start = 8 + header length. `header` was checked
+    by _check_header (offsets inside the file, sizes matching shape and dtype)."""
+    return {key: TensorRef(data_start + meta["data_offsets"][0], _TORCH_DTYPES[meta["dtype"]],
+                           tuple(meta["shape"]))
+            for key, meta in header.items() if key != "__metadata__"}
 
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -89,11 +107,11 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 
 def _layer_runs(items: list) -> list[list]:
-    """items (by layer) in runs of consecutive layers with one rank, dtype and scale, whose a
-    (and b) tensors lie at one byte stride in the file: each run is copied by one strided op
-    instead of one per layer (fewer, bigger ops: 7B r16 on 16 cores, 35 -> 16 ms). PEFT's
-    files (sorted by key) hold layers 0-1, 2-3, 4-9, 10-19, 20-29, ... so; any other order
-    only makes more runs."""
+    """items (by layer; a and b as TensorRefs) in runs of consecutive layers with one rank,
+    dtype and scale, whose a (and b) tensors lie at one byte stride in the file: each run is
+    copied by one strided op instead of one per layer (fewer, bigger ops: 7B r16 on 16 cores,
+    35 -> 16 ms). PEFT's files (sorted by key) hold layers 0-1, 2-3, 4-9, 10-19, 20-29, ...
+    so; any other order only makes more runs."""
     runs = [[items[0]]]
     for item in items[1:]:
         if _extends(runs[-1], item):
@@ -107,12 +125,11 @@ def _extends(run: list, item) -> bool:
     layer, a, b, scale = item
     last_layer, last_a, last_b, last_scale = run[-1]
     if (layer != last_layer + 1 or scale != last_scale or a.shape != last_a.shape
-            or a.dtype != last_a.dtype or b.dtype != last_b.dtype):
+            or b.shape != last_b.shape or a.dtype != last_a.dtype or b.dtype != last_b.dtype):
         return False
-    step = (a.data_ptr() - last_a.data_ptr(), b.data_ptr() - last_b.data_ptr())
+    step = (a.offset - last_a.offset, b.offset - last_b.offset)
     if len(run) > 1:
-        return step == (run[1][1].data_ptr() - run[0][1].data_ptr(),
-                        run[1][2].data_ptr() - run[0][2].data_ptr())
+        return step == (run[1][1].offset - run[0][1].offset, run[1][2].offset - run[0][2].offset)
     return step[0] > 0 and step[1] > 0 and step[0] % a.itemsize == 0 \
         and step[1] % b.itemsize == 0
 
@@ -122,16 +139,16 @@ def _run_view(blob, run: list, which: int) -> torch.Tensor:
     blob. It addresses only their bytes, which _check_header placed inside the file."""
     first = run[0][which]
     if len(run) == 1:
-        return first.unsqueeze(0)
-    step = (run[1][which].data_ptr() - first.data_ptr()) // first.itemsize
-    count = (len(run) - 1) * step + first.numel()
-    storage = blob.untyped_storage().data_ptr()
-    if any(t[which].untyped_storage().data_ptr() != storage for t in (run[0], run[-1])):
-        # an aligned copy (tensor_views) is not in blob: no stride to follow
-        return torch.stack([t[which] for t in run])
-    offset = first.data_ptr() - blob.data_ptr()
-    flat = blob[offset:offset + count * first.itemsize].view(first.dtype)
-    return flat.as_strided((len(run), *first.shape), (step, *first.stride()))
+        return first.view(blob).unsqueeze(0)
+    if first.offset % first.itemsize:       # unaligned: aligned copies, stacked
+        return torch.stack([t[which].view(blob) for t in run])
+    step = (run[1][which].offset - first.offset) // first.itemsize
+    count = (len(run) - 1) * step + first.numel
+    flat = blob[first.offset:first.offset + count * first.itemsize].view(first.dtype)
+    inner = [1]
+    for d in reversed(first.shape[1:]):
+        inner.insert(0, inner[0] * d)
+    return flat.as_strided((len(run), *first.shape), (step, *inner))
 
 
 def _scaled_t(b: torch.Tensor, scale: float, out: torch.Tensor) -> None:

@@ -127,7 +127,7 @@ def test_raw_slot_equals_parsed_slot_cuda(tmp_path, file_dtype):
 
 def test_unaligned_tensors_in_the_file_stack_the_same(tmp_path):
     """A header whose length leaves the data at an odd address (other writers than
-    safetensors' own pad it): tensor_views makes aligned copies, which stack per layer."""
+    safetensors' own pad it): TensorRef.view makes aligned copies, which stack per layer."""
     import json
     import struct
     make_adapter(tmp_path / "a", torch.bfloat16)
