@@ -16,19 +16,11 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "cuda_check.cuh"
 #include "sgmv_common.cuh"
 
 namespace cg = cooperative_groups;
 using namespace punica;
-
-#define CHECK(x)                                                                 \
-  do {                                                                           \
-    cudaError_t e = (x);                                                         \
-    if (e != cudaSuccess) {                                                      \
-      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e));      \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
 
 __global__ void rounds(int iters, bool push, unsigned long long* out) {
   __shared__ float inbox[16 * 256];

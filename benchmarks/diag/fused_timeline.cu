@@ -16,16 +16,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cuda_check.cuh"
 #include "lora_fused.cu"   // -Icsrc (or another copy, for an A/B)
-
-#define CHECK(x)                                                                 \
-  do {                                                                           \
-    cudaError_t e = (x);                                                         \
-    if (e != cudaSuccess) {                                                      \
-      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e));      \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
 
 using namespace punica;
 
