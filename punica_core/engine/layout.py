@@ -100,17 +100,19 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> Batch
     to = dict(device=device)
     tables = lens = None
     if decode_rows:
+        # the decode rows' block tables, padded to the longest context's blocks with block 0;
+        # the reference gathers through them (a few ops for all rows, not a few per row)
         width = max(decode_ctx)
-        kv_index = torch.zeros(len(decode_rows), width, dtype=torch.long)
-        kv_mask = torch.zeros(len(decode_rows), width, dtype=torch.bool)
-        for i, (table, ctx) in enumerate(zip(decode_tables, decode_ctx)):
-            kv_index[i, :ctx] = flat_index(table, ctx)
-            kv_mask[i, :ctx] = True
-        if torch.device(device).type == "cuda":
-            blocks = -(-width // block_size)
-            tables = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks]))
-                                   for t in decode_tables], dtype=torch.int32, **to)
-            lens = torch.tensor(decode_ctx, dtype=torch.int32, **to)
+        blocks = -(-width // block_size)
+        table = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks]))
+                              for t in decode_tables], dtype=torch.long)      # [Bd, blocks]
+        ctx = torch.tensor(decode_ctx, dtype=torch.long)
+        p = torch.arange(width)
+        kv_index = table[:, p // block_size] * block_size + p % block_size   # [Bd, width]
+        kv_mask = p[None, :] < ctx[:, None]
+        if torch.device(device).type == "cuda":     # for the paged kernel (model/llama.py)
+            tables = table.to(device=device, dtype=torch.int32)
+            lens = ctx.to(device=device, dtype=torch.int32)
     else:
         kv_index = torch.zeros(0, 0, dtype=torch.long)
         kv_mask = torch.zeros(0, 0, dtype=torch.bool)
