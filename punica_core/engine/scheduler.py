@@ -104,7 +104,7 @@ class Scheduler:
             start = req.num_computed
             batch.requests.append(req)
             batch.chunks.append(ScheduledChunk(
-                token_ids=req.all_ids[start:start + n], first_pos=start,
+                token_ids=req.ids(start, start + n), first_pos=start,
                 block_table=req.block_table, slot=req.slot, sample=start + n == req.num_tokens))
         return batch
 
