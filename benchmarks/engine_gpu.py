@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -211,6 +212,25 @@ def run_many(args, cfg, loaded, paths: dict, common: dict, rng: random.Random) -
     return out
 
 
+ROUND_RATIOS = {   # name: (mix, its anchor, field)
+    "none_vs_lora_off_tokens_per_s": ("none", "lora_off", "tokens_per_s"),
+    "none_vs_lora_off_decode_step_p50": ("none", "lora_off", "decode_step_ms_p50"),
+    "distinct_vs_identical": ("distinct", "identical", "tokens_per_s"),
+    "identical_vs_none": ("identical", "none", "tokens_per_s"),
+}
+
+
+def median_round_ratios(rounds: list[dict]) -> dict:
+    """Each ROUND_RATIOS ratio per round and its median over the rounds (where both mixes ran)."""
+    out = {}
+    for name, (mix, anchor, key) in ROUND_RATIOS.items():
+        per = [r[mix][key] / r[anchor][key] for r in rounds
+               if mix in r and anchor in r and r[mix][key] and r[anchor][key]]
+        if per:
+            out[name] = {"median": statistics.median(per), "per_round": per}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="random:llama-2-7b")
@@ -225,9 +245,10 @@ def main(argv=None):
                     help="the PEFT baseline generates fewer tokens (it is slow); tokens/s")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-lora-off", action="store_true")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="measure every mix this many times, in rounds; the last round is "
-                         "reported (the first ones absorb the GPU's and host's warm-up)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every mix this many times, in rounds; `ours` and `ratios` are "
+                         "the last round (the first ones absorb the GPU's and host's warm-up), "
+                         "`ratios_median_of_rounds` the median of the per-round ratios")
     ap.add_argument("--copy-gib", type=float, default=2.0,
                     help="size of the device-to-device copy (1/32 of it on cpu)")
     ap.add_argument("--lora-overlap", choices=("auto", "on", "off"), default="auto",
@@ -311,7 +332,11 @@ def main(argv=None):
             ours[mix] = run_requests(engine, prompts, mix_adapters(mix, pool, args.batch, rng),
                                      args.new_tokens)
             log(f"round {r}", mix, json.dumps(ours[mix]))
-        if off is not None:
+            if mix == "none" and off is not None:   # its anchor right after it, same conditions
+                ours["lora_off"] = run_requests(off, prompts, [None] * args.batch,
+                                                args.new_tokens)
+                log(f"round {r} lora_off", json.dumps(ours["lora_off"]))
+        if off is not None and "lora_off" not in ours:
             ours["lora_off"] = run_requests(off, prompts, [None] * args.batch, args.new_tokens)
             log(f"round {r} lora_off", json.dumps(ours["lora_off"]))
         rounds.append(ours)
@@ -348,6 +373,9 @@ def main(argv=None):
     if "identical" in ours and "none" in ours:
         ratios["identical_vs_none"] = \
             ours["identical"]["tokens_per_s"] / ours["none"]["tokens_per_s"]
+    # the same ratios per round (each pair measured in one round, one after the other where
+    # the order allows), and their median over the rounds: steadier than the last round alone
+    out["ratios_median_of_rounds"] = median_round_ratios(rounds)
     write_json(args.out, {**out, "ratios": ratios, "partial": True})
     loaded = engine.loaded
     free(engine, off)

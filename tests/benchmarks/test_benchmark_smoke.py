@@ -58,6 +58,9 @@ def test_engine_gpu_on_cpu(tmp_path):
     else:
         assert any("lora_off skipped" in n for n in d["notes"])
     assert set(ours) == mixes
+    med = d["ratios_median_of_rounds"]      # one round: the median is that round's ratio
+    assert close(med["identical_vs_none"]["median"], ratios["identical_vs_none"])
+    assert med["distinct_vs_identical"]["per_round"] == [med["distinct_vs_identical"]["median"]]
     for mix, r in ours.items():
         assert positive(r["tokens_per_s"]) and positive(r["decode_step_ms_p50"]), mix
         assert r["tokens"] == 4 * 6 and r["decode_step_ms_p99"] >= r["decode_step_ms_p50"]
