@@ -152,6 +152,28 @@ class Scheduler:
             if self.pool.lookup(name) is None and name in self.store \
                     and not self.store.load_error(name):
                 self._start_loading(name, keep)
+        self._read_ahead(keep)
+
+    def _read_ahead(self, near: set[str]) -> None:
+        """Deeper in the queue, only reads from disk into the host cache (no slot), in queue
+        order, for as many adapters (neither cached nor in a slot) as the host cache holds
+        beyond a batch's worth: the loader threads stay busy while the batch decodes, and what
+        they read ahead leaves room for the nearer requests' adapters (the cache drops adapters
+        read ahead and not yet taken last, oldest first)."""
+        budget = self.store.host_cache_size - self.cfg.max_batch
+        seen = set(near)
+        for r in islice(self.waiting, self.cfg.max_batch, None):
+            name = r.adapter
+            if budget <= 0:
+                break
+            if name is None or name in seen:
+                continue
+            seen.add(name)
+            if self.pool.lookup(name) is not None or name not in self.store \
+                    or self.store.load_error(name) or self.store.is_cached(name):
+                continue
+            self.store.prefetch(name)
+            budget -= 1
 
     def _refuse(self, req: Request, batch: ScheduledBatch, why: str) -> None:
         self.waiting.remove(req)

@@ -60,3 +60,33 @@ def test_admission_loads_never_evict_what_requests_ahead_wait_for(make_engine, p
     assert all(len(r.output_ids) == 2 for r in reqs)
     # each adapter is loaded about once per run of its requests, not once per step
     assert pool.loads <= 6, pool.loads
+
+
+def test_adapters_deeper_in_the_queue_are_read_into_the_host_cache_ahead(make_engine,
+                                                                         parity_adapters):
+    """Registered lazily (read on first use), the adapters of requests beyond the next batch
+    are read from disk into the host cache while the full batch runs, in queue order, up to
+    the host cache's room beyond a batch: with max_batch 1 and a cache of 4, the next
+    request's adapter is read for its slot and the three after it ahead, the last one's not."""
+    import time
+    e = make_engine(max_batch=1, max_adapters_on_gpu=2, host_cache_adapters=4)
+    folders = list(parity_adapters.values())
+    names = [f"lazy{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        e.register_adapter(name, folders[i % len(folders)], lazy=True)
+    first = e.add_request("Hi.", LONG, names[0])
+
+    def settle():
+        deadline = time.monotonic() + 30
+        while e.store._loading and time.monotonic() < deadline:
+            time.sleep(0.01)
+    while not first.output_ids:             # the batch (of one) is full from here on
+        e.step()
+        settle()
+    reqs = [e.add_request("Hi.", LONG, n) for n in names[1:]]
+    e.step()
+    settle()
+    cached = [e.store.is_cached(n) for n in names[1:]]
+    assert cached == [True, True, True, True, False], cached
+    run_to_completion(e)
+    assert all(len(r.output_ids) == 24 for r in [first, *reqs])
