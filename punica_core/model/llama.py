@@ -11,12 +11,6 @@ import torch
 
 from ..engine.layout import BatchLayout
 from .attention import paged_attention_ref
-
-# Eager steps on CUDA in fp16/bf16 (those that also prefill, as in continuous batching, or that
-# no CUDA graph fits) run their decode rows' attention in the paged Triton kernel, not a gather
-# + SDPA over padded contexts (benchmarks/diag/mixed_steps.py). Tests switch it off for the
-# reference.
-MIXED_STEP_PAGED_DECODE = True
 from .config import ModelConfig
 from .fused_triton import fused_ops
 from .fused_triton import rms_norm_torch as rms_norm  # noqa: F401 - the reference, by name
@@ -24,6 +18,12 @@ from .kv_cache import KVCache
 from .linear import linear
 from .lora import LoraContext
 from .rope import RotaryTable
+
+# Eager steps on CUDA in fp16/bf16 (those that also prefill, as in continuous batching, or that
+# no CUDA graph fits) run their decode rows' attention in the paged Triton kernel, not a gather
+# + SDPA over padded contexts (benchmarks/diag/mixed_steps.py). Tests switch it off for the
+# reference.
+MIXED_STEP_PAGED_DECODE = True
 
 QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), \
     ("gate_proj", "up_proj"), ("down_proj",)
@@ -72,17 +72,22 @@ class LlamaModel:
             from .attention_triton import paged_decode_attention
             return paged_decode_attention(q, kv.k[layer], kv.v[layer], layout.block_tables,
                                           layout.context_lens, kv.block_size, self.scale)
-        decode = None
-        if layout.decode_block_tables is not None and MIXED_STEP_PAGED_DECODE \
-                and q.dtype != torch.float32:     # an eager step on CUDA (fp32: the reference)
-            from .attention_triton import paged_decode_attention, triton_available
-            if triton_available():
-                def decode(qd):
-                    return paged_decode_attention(qd, kv.k[layer], kv.v[layer],
-                                                  layout.decode_block_tables,
-                                                  layout.decode_context_lens, kv.block_size,
-                                                  self.scale)
-        return paged_attention_ref(q, kv.k[layer], kv.v[layer], layout, self.scale, decode)
+        return paged_attention_ref(q, kv.k[layer], kv.v[layer], layout, self.scale,
+                                   self._paged_decode(q, kv, layer, layout))
+
+    def _paged_decode(self, q, kv: KVCache, layer: int, layout: BatchLayout):
+        """For an eager step on CUDA in fp16/bf16 (fp32 keeps the reference): its decode rows'
+        attention as the paged Triton kernel on their block tables; else None."""
+        if layout.decode_block_tables is None or not MIXED_STEP_PAGED_DECODE \
+                or q.dtype == torch.float32:
+            return None
+        from .attention_triton import paged_decode_attention, triton_available
+        if not triton_available():
+            return None
+        return lambda qd: paged_decode_attention(qd, kv.k[layer], kv.v[layer],
+                                                 layout.decode_block_tables,
+                                                 layout.decode_context_lens, kv.block_size,
+                                                 self.scale)
 
     @staticmethod
     def _project(x, weight, bias, lora: LoraContext | None, layer: int, site

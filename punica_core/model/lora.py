@@ -34,8 +34,9 @@ OVERLAP_FREE_SMS_MAX_ROWS = 256     # memory-bound GEMMs only: prefill chunks ke
 # A step whose longest segment has more rows than this (a prefill chunk beside decode rows, as
 # in continuous batching) runs the tensor-core pair (path 2), without the side-stream overlap:
 # the decode kernels (fused and streamed) walk a segment's rows a few at a time on one cluster
-# or CTA, which took a 7B step with one 128-row chunk beside 31 decode rows ~250 ms instead of
-# ~10 (benchmarks/diag/mixed_steps.py). The op's own test (rows <= 8 x segments) averages.
+# or CTA: a 7B step with one 128-row chunk beside 31 decode rows took ~250 ms, now ~55 ms, most
+# of it host time (benchmarks/diag/mixed_steps.py). The op's own test (rows <= 8 x segments)
+# only sees the average.
 LONG_SEGMENT_ROWS = 8
 PAIR_PATH = 2
 
