@@ -158,13 +158,13 @@ class SlotPool:
         into a flag that is_ready reads once the copy is done."""
         raw = adapter.raw
         blob = raw.blob.to(self.device, non_blocking=True)
-        views = tensor_refs(raw.header, raw.data_start)
+        refs = tensor_refs(raw.header, raw.data_start)
         sums = []
         for p, w in self.weights.items():
             items = raw.per_proj.get(p)
             r = adapter.rank_of(p)
             if items:
-                stack_into(w.a[slot], w.b[slot], [(layer, views[ka], views[kb], scale)
+                stack_into(w.a[slot], w.b[slot], [(layer, refs[ka], refs[kb], scale)
                                                   for layer, ka, kb, _, scale in items], blob)
                 sums += [w.a[slot, :, :r].sum(dtype=torch.float32),
                          w.b[slot, :, :r].sum(dtype=torch.float32)]
