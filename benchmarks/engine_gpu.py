@@ -265,6 +265,9 @@ def main(argv=None):
     ap.add_argument("--host-cache", type=int, default=64, help="host cache in the zipf case")
     ap.add_argument("--loader-workers", type=int, default=4,
                     help="EngineConfig.adapter_loader_workers in the zipf case")
+    ap.add_argument("--gil-switch-interval-ms", default="engine",
+                    help="EngineConfig.gil_switch_interval_ms: a number, 'none' (Python's "
+                         "own, 5 ms) or 'engine' (the engine's default)")
     ap.add_argument("--distinct-files", type=int, default=16, help="files behind the N names")
     ap.add_argument("--zipf-alpha", type=float, default=1.0)
     ap.add_argument("--waves", type=int, default=4, help="zipf case: waves x batch requests")
@@ -298,6 +301,9 @@ def main(argv=None):
                   max_model_len=4096)
     if args.device_stacking:
         common["adapter_device_stacking"] = True
+    if args.gil_switch_interval_ms != "engine":
+        common["gil_switch_interval_ms"] = None if args.gil_switch_interval_ms == "none" \
+            else float(args.gil_switch_interval_ms)
     if args.lora_overlap != "auto":
         common["lora_overlap"] = args.lora_overlap == "on"
     if args.overlap_kernel:
@@ -307,6 +313,7 @@ def main(argv=None):
     engine = Engine(engine_config(**common, max_adapters_on_gpu=args.batch))
     log(f"model ready in {time.perf_counter() - t0:.1f}s")
     out["engine_config"] = config_dict(engine)
+    out["python_switch_interval_ms"] = sys.getswitchinterval() * 1e3
     out["lora_overlap"] = engine.runner.lora_overlap      # what the engine resolved
     out["dtype"] = str(engine.model.dtype).removeprefix("torch.")
     out["adapter_registration_s"] = register_all(engine, {n: paths[n] for n in pool})

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AdapterError
 from ..model.config import PROJECTIONS, ModelConfig
-from .stacking import byte_tensor, check_finite, stack_projection, tensor_refs
+from .stacking import Blob, byte_tensor, check_all_finite, stack_projection, tensor_refs
 from .weights_reader import Alloc, ReadBuffers, lease_buffers, read_weights_file
 
 __all__ = ["LoraAdapter", "RawWeights", "AdapterPlan", "ReadBuffers", "parse_adapter",
@@ -466,15 +466,15 @@ def _parse_adapter(name, source, model_cfg, max_rank, max_bytes, dtype, pin,
         plan = _plan(name, raw_cfg, blob, label, model_cfg, max_rank)
         where = f"{label}/{WEIGHTS_NAME}"
         nbytes = len(blob)
-        blob = byte_tensor(blob)
+        blob = Blob(byte_tensor(blob))
         tensors = tensor_refs(plan.header, plan.data_start)   # offsets: no torch call each
         weights = {}
         for proj, items in plan.per_proj.items():
             A, B = stack_projection(model_cfg, proj, [(layer, tensors[ka], tensors[kb], scale)
                                             for layer, ka, kb, _, scale in items], blob,
                           dtype, pin)
-            check_finite(A, B, where, proj)
             weights[proj] = (A, B)
+        check_all_finite(weights, where)
         del tensors, blob           # views of the read buffer, which the lease takes back
     targets = tuple(p for p in PROJECTIONS if p in weights)
     return LoraAdapter(name=name, source=label, rank=max(A.shape[1] for A, _ in weights.values()),

@@ -13,7 +13,7 @@ import torch
 from ..errors import AdapterError, AdapterInUseError
 from ..model.config import PROJECTIONS, ModelConfig
 from .peft import LoraAdapter
-from .stacking import check_finite, stack_into, tensor_refs
+from .stacking import Blob, check_finite, stack_into, tensor_refs
 
 
 @dataclass
@@ -157,7 +157,7 @@ class SlotPool:
         scaling at device bandwidth; the host only read the file) and checked for NaN / inf
         into a flag that is_ready reads once the copy is done."""
         raw = adapter.raw
-        blob = raw.blob.to(self.device, non_blocking=True)
+        blob = Blob(raw.blob.to(self.device, non_blocking=True))
         refs = tensor_refs(raw.header, raw.data_start)
         sums = []
         for p, w in self.weights.items():

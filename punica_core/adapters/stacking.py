@@ -41,12 +41,17 @@ def stack_projection(model_cfg: ModelConfig, proj: str, items, blob, dtype: torc
     return A, B
 
 
-def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob) -> None:
+def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob: "Blob") -> None:
     """Writes items (see stack_projection) into A [layers, R, in] and B [layers, R, out]
     (R >= every item's rank; a device slot, or new host tensors): every element once, the
     layers and rank rows the adapter lacks zeroed, the rest copied a run of layers at a time.
-    blob: the file's bytes as a uint8 tensor on the items' device (byte_tensor on the host)."""
+    blob: the file's bytes on the items' device (Blob of byte_tensor on the host)."""
     layers, r_max = A.shape[0], A.shape[1]
+    if blob.data.device.type == "cpu":
+        run = _file_run(items, layers, r_max)
+        if run is not None:
+            _stack_file_run(A, B, run, blob)
+            return
     touched = [False] * layers
     for run in _layer_runs(items):
         lo, hi, r, scale = run[0][0], run[-1][0] + 1, run[0][1].shape[0], run[0][3]
@@ -61,11 +66,60 @@ def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob) -> None:
         B[lo:hi].zero_()
 
 
+def _file_run(items: list, layers: int, r_max: int) -> list | None:
+    """items in file order if they are one run there: every layer once, all of rank r_max
+    with one scale, shapes and dtypes, their a (and b) tensors at one byte stride in the file.
+    PEFT's files are (sorted by key, layers 0, 1, 10-19, 2, 20-29, 3, 30, 31, 4-9 lie at one
+    stride), so the host copies each projection with a few ops whatever the layer order.
+    None otherwise."""
+    if len(items) != layers or items[0][1].shape[0] != r_max:
+        return None
+    run = sorted(items, key=lambda it: it[1].offset)
+    if sorted(it[0] for it in run) != list(range(layers)):
+        return None
+    for k in range(1, len(run)):
+        if not _extends(run[:k], run[k], consecutive=False):
+            return None
+    return run
+
+
+def _stack_file_run(A: torch.Tensor, B: torch.Tensor, run: list, blob: "Blob") -> None:
+    """A run in file order (_file_run) to A and B: its strided views gathered by layer."""
+    where = [0] * len(run)                  # layer -> its place in the file's order
+    for k, item in enumerate(run):
+        where[item[0]] = k
+    order = torch.tensor(where)
+    a = _run_view(blob, run, 1)
+    if a.dtype == A.dtype:
+        torch.index_select(a, 0, order, out=A)
+    else:
+        A.copy_(torch.index_select(a, 0, order))        # a converting copy
+    _scaled_t(torch.index_select(_run_view(blob, run, 2), 0, order), run[0][3], out=B)
+
+
 def byte_tensor(blob: bytes | memoryview) -> torch.Tensor:
     """The file's bytes as a uint8 tensor, without a copy (read-only: nothing writes to it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # "buffer is not writable"
         return torch.frombuffer(blob, dtype=torch.uint8)
+
+
+class Blob:
+    """The file's bytes (a uint8 tensor at offset 0, on the host or the device) and one typed
+    view of them per dtype, made once: a run of layers is then one as_strided call. Each torch
+    call hands the GIL over, and beside a busy engine loop each hand-over waits up to Python's
+    switch interval; the calls, not the copying, were most of a parse there."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+        self._typed: dict[torch.dtype, torch.Tensor] = {}
+
+    def typed(self, dtype: torch.dtype) -> torch.Tensor:
+        view = self._typed.get(dtype)
+        if view is None:
+            n = self.data.numel() // dtype.itemsize * dtype.itemsize
+            view = self._typed[dtype] = self.data[:n].view(dtype)
+        return view
 
 
 @dataclass(frozen=True)
@@ -121,11 +175,14 @@ def _layer_runs(items: list) -> list[list]:
     return runs
 
 
-def _extends(run: list, item) -> bool:
+def _extends(run: list, item, consecutive: bool = True) -> bool:
+    """item continues run: the same rank, dtype and scale, its a and b tensors at the run's
+    byte stride in the file after the run's last; and (consecutive) the next layer."""
     layer, a, b, scale = item
     last_layer, last_a, last_b, last_scale = run[-1]
-    if (layer != last_layer + 1 or scale != last_scale or a.shape != last_a.shape
-            or b.shape != last_b.shape or a.dtype != last_a.dtype or b.dtype != last_b.dtype):
+    if ((consecutive and layer != last_layer + 1) or scale != last_scale
+            or a.shape != last_a.shape or b.shape != last_b.shape or a.dtype != last_a.dtype
+            or b.dtype != last_b.dtype):
         return False
     step = (a.offset - last_a.offset, b.offset - last_b.offset)
     if len(run) > 1:
@@ -134,21 +191,20 @@ def _extends(run: list, item) -> bool:
         and step[1] % b.itemsize == 0
 
 
-def _run_view(blob, run: list, which: int) -> torch.Tensor:
+def _run_view(blob: "Blob", run: list, which: int) -> torch.Tensor:
     """[layers of run, *shape]: the run's a (which=1) or b (2) tensors as one strided view of
-    blob. It addresses only their bytes, which _check_header placed inside the file."""
+    blob (one torch call). It addresses only their bytes, which _check_header placed inside the
+    file."""
     first = run[0][which]
-    if len(run) == 1:
-        return first.view(blob).unsqueeze(0)
     if first.offset % first.itemsize:       # unaligned: aligned copies, stacked
-        return torch.stack([t[which].view(blob) for t in run])
-    step = (run[1][which].offset - first.offset) // first.itemsize
-    count = (len(run) - 1) * step + first.numel
-    flat = blob[first.offset:first.offset + count * first.itemsize].view(first.dtype)
+        return torch.stack([t[which].view(blob.data) for t in run])
+    step = (run[1][which].offset - first.offset) // first.itemsize if len(run) > 1 \
+        else first.numel
     inner = [1]
     for d in reversed(first.shape[1:]):
         inner.insert(0, inner[0] * d)
-    return flat.as_strided((len(run), *first.shape), (step, *inner))
+    return blob.typed(first.dtype).as_strided((len(run), *first.shape), (step, *inner),
+                                              first.offset // first.itemsize)
 
 
 def _scaled_t(b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
@@ -175,8 +231,23 @@ def check_finite(A: torch.Tensor, B: torch.Tensor, where: str, proj: str) -> Non
     """Refuses NaN / inf in A or B, naming the first such layer. A NaN or inf term makes the
     sum NaN or inf; finite terms do so only by overflow. So a finite sum passes at once (10x
     faster than the per-layer check), and any other sum falls back to the exact check."""
-    if all(bool(torch.isfinite(w.sum())) for w in (A, B)):
+    if all(bool(torch.isfinite(w.sum(dtype=torch.float32))) for w in (A, B)):
         return
+    _check_layers(A, B, where, proj)
+
+
+def check_all_finite(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], where: str) -> None:
+    """check_finite for every projection at once: one sum per tensor and a single test of them
+    all (a few torch calls instead of three per tensor); a non-finite sum falls back to the
+    exact check of each projection, which names the first bad one."""
+    sums = [w.sum(dtype=torch.float32) for pair in weights.values() for w in pair]
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
+        return
+    for proj, (A, B) in weights.items():
+        _check_layers(A, B, where, proj)
+
+
+def _check_layers(A: torch.Tensor, B: torch.Tensor, where: str, proj: str) -> None:
     finite = finite_layers(A) & finite_layers(B)
     if not finite.all():
         layer = int((~finite).nonzero()[0])

@@ -17,9 +17,8 @@ import torch
 
 from ..errors import AdapterError
 
-# a weights file this big is read by several threads, each READ_CHUNK_BYTES at a time
+# a weights file this big is read by READ_THREADS threads, one piece each
 PARALLEL_READ_BYTES = 8 << 20
-READ_CHUNK_BYTES = 4 << 20
 READ_THREADS = 8
 Alloc = Callable[[int], torch.Tensor]       # size -> uint8 buffer of that size
 
@@ -109,9 +108,13 @@ def read_weights_file(path: Path, max_bytes: int, alloc: Alloc | None = None) ->
 
 
 def _read_into(fd: int, view: memoryview, label: str) -> None:
-    """Fills view with the file's first len(view) bytes; a file that ends sooner is refused."""
+    """Fills view with the file's first len(view) bytes; a file that ends sooner is refused.
+    A big file is cut in one piece per read thread: each pread hands the GIL over once more,
+    which beside a busy engine loop costs up to Python's switch interval."""
     size = len(view)
-    chunks = [(lo, min(lo + READ_CHUNK_BYTES, size)) for lo in range(0, size, READ_CHUNK_BYTES)]
+    parts = 1 if size < PARALLEL_READ_BYTES else READ_THREADS
+    step = -(-size // parts)
+    chunks = [(lo, min(lo + step, size)) for lo in range(0, size, step)] if size else []
 
     def read(chunk: tuple[int, int]) -> None:
         lo, hi = chunk
@@ -120,13 +123,26 @@ def _read_into(fd: int, view: memoryview, label: str) -> None:
             if n == 0:
                 raise AdapterError(f"{label}: truncated while it was read")
             lo += n
-    if size < PARALLEL_READ_BYTES or len(chunks) == 1:
+    if len(chunks) <= 1:
         for c in chunks:
             read(c)
         return
-    with ThreadPoolExecutor(min(READ_THREADS, len(chunks)),
-                            thread_name_prefix="adapter-read") as ex:
-        list(ex.map(read, chunks))
+    list(_read_pool().map(read, chunks))
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}      # pid -> pool (a forked child makes its own)
+_POOL_LOCK = threading.Lock()
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """One pool of read threads per process, made on first use (a pool per file started
+    READ_THREADS threads per read). Keyed by pid: a forked child has none of its threads."""
+    pid = os.getpid()
+    with _POOL_LOCK:
+        if pid not in _POOL:
+            _POOL.clear()
+            _POOL[pid] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="adapter-read")
+        return _POOL[pid]
 
 
 def _pread_into(fd: int, dst: memoryview, offset: int) -> int:

@@ -8,6 +8,7 @@ thread (the EngineLoop's, or the caller's in tests).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -67,6 +68,9 @@ class Engine:
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self.on_new_work = lambda: None         # the EngineLoop wakes itself through this
+        if cfg.gil_switch_interval_ms is not None:
+            # process-wide; only ever lowered (another engine or the user may have set less)
+            sys.setswitchinterval(min(sys.getswitchinterval(), cfg.gil_switch_interval_ms / 1e3))
 
     @property
     def name(self) -> str:

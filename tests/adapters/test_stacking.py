@@ -90,8 +90,9 @@ def test_stacked_weights_bit_identical_to_reference(tmp_path, file_dtype, dtype)
 
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_runs_of_layers_copied_at_once_match_reference(tmp_path, file_dtype, monkeypatch):
-    """12 layers sort as 0, 1, 10, 11, 2, ... in the file: layers 2-9 lie at one stride, and
-    are copied by one strided op unless a scale differs (layer 7 of q_proj)."""
+    """12 layers sort as 0, 1, 10, 11, 2, ... in the file, all at one stride: down_proj is
+    gathered from one strided view in file order; q_proj (layer 7 has its own scale) is
+    copied in runs of consecutive layers at one stride (layers 2-6, 7, 8-9 among them)."""
     cfg = dataclasses.replace(CFG, num_layers=12)
     layers_of = {"q_proj": list(range(12)), "down_proj": list(range(12))}
     config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA,
@@ -102,15 +103,22 @@ def test_runs_of_layers_copied_at_once_match_reference(tmp_path, file_dtype, mon
         return RANK, 3 if (layer, proj) == (7, "q_proj") else ALPHA
     tensors = make_adapter(tmp_path / "a", file_dtype, config=config, layers_of=layers_of,
                            cfg=cfg, alpha_of=alpha_of)
-    runs, real = [], stacking._layer_runs
+    runs, file_runs = [], []
+    real_runs, real_file_run = stacking._layer_runs, stacking._stack_file_run
 
     def recorded(items):
-        runs.append([[layer for layer, *_ in run] for run in real(items)])
-        return real(items)
+        runs.append([[layer for layer, *_ in run] for run in real_runs(items)])
+        return real_runs(items)
+
+    def recorded_file_run(A, B, run, blob):
+        file_runs.append([layer for layer, *_ in run])
+        return real_file_run(A, B, run, blob)
     monkeypatch.setattr(stacking, "_layer_runs", recorded)
+    monkeypatch.setattr(stacking, "_stack_file_run", recorded_file_run)
     ad = parse_adapter("a", tmp_path / "a", cfg, 16, dtype=torch.bfloat16)
-    middle = sorted([r for r in proj_runs if 2 <= r[0] <= 9] for proj_runs in runs)
-    assert middle == [[list(range(2, 7)), [7], [8, 9]], [list(range(2, 10))]]  # q, down
+    assert file_runs == [[0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9]]                  # down
+    assert [[r for r in proj_runs if 2 <= r[0] <= 9] for proj_runs in runs] \
+        == [[list(range(2, 7)), [7], [8, 9]]]                                     # q
     for proj in layers_of:
         ref = reference(tensors, proj, torch.bfloat16, layers_of=layers_of, cfg=cfg,
                         alpha_of=alpha_of)
@@ -163,3 +171,41 @@ def test_huge_finite_weights_load(tmp_path):
     save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
     ad = parse_adapter("a", tmp_path / "a", CFG, 16, dtype=torch.float32)
     assert ad.weights["q_proj"][0][1, 0, 0] == torch.tensor(3e38)
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """Counts the torch functions called (each one hands the GIL over once more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") != "__get__":      # attribute reads: no hand-over
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_parse_calls_do_not_grow_with_the_layers(tmp_path, file_dtype):
+    """Beside a busy engine loop each torch call of a parse waits up to Python's switch
+    interval for the GIL: a PEFT file (its layers sorted 0, 1, 10, ... by key) of every
+    projection parses with the same number of calls for 12 layers as for 40, a handful per
+    projection (the one-run-per-layer-block copy took 7 runs x 5 calls on 32 layers)."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    counts = []
+    for layers in (12, 40):
+        cfg = dataclasses.replace(CFG, num_layers=layers)
+        layers_of = {p: list(range(layers)) for p in targets}
+        config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": targets}
+        tensors = make_adapter(tmp_path / str(layers), file_dtype, config=config,
+                               layers_of=layers_of, cfg=cfg, alpha_of=lambda *_: (RANK, ALPHA))
+        with _TorchCalls() as mode:
+            ad = parse_adapter("a", tmp_path / str(layers), cfg, 16, dtype=torch.bfloat16)
+        counts.append(mode.calls)
+        for proj in targets:
+            ref = reference(tensors, proj, torch.bfloat16, layers_of=layers_of, cfg=cfg,
+                            alpha_of=lambda *_: (RANK, ALPHA))
+            assert same_bits(ad.weights[proj][0], ref[0]) and same_bits(ad.weights[proj][1],
+                                                                        ref[1])
+    assert counts[0] == counts[1] <= 14 * len(targets), counts

@@ -13,6 +13,7 @@ from punica_core.adapters.weights_reader import ReadBuffers, read_weights_file
 from punica_core.model.config import ModelConfig
 
 CHUNK = 4096
+THREADS = 3     # pieces a threaded read is cut into (the files below are not multiples of it)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def cfg(default_dir) -> ModelConfig:
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks and the threading threshold scaled down, so small files take the threaded path."""
-    monkeypatch.setattr(weights_reader, "READ_CHUNK_BYTES", CHUNK)
+    """The threading threshold scaled down, so small files take the threaded path (in 3 pieces)."""
+    monkeypatch.setattr(weights_reader, "READ_THREADS", THREADS)
     monkeypatch.setattr(weights_reader, "PARALLEL_READ_BYTES", 2 * CHUNK)
 
 
@@ -42,7 +43,7 @@ def test_threaded_read_returns_the_file_bytes(tmp_path, small_chunks, size):
 
 
 def test_big_file_with_default_chunks(tmp_path):
-    size = weights_reader.PARALLEL_READ_BYTES + weights_reader.READ_CHUNK_BYTES // 2 + 3   # threaded, ragged end
+    size = weights_reader.PARALLEL_READ_BYTES + 12345   # threaded, pieces of unequal length
     data = write(tmp_path / "w", size)
     assert bytes(read_weights_file(tmp_path / "w", max_bytes=size)) == data
 
