@@ -39,6 +39,7 @@ from benchmarks.common import (ALL_PROJECTIONS, GIB, adapter_bytes, check_device
                                log, model_shape, random_prompts, register_all,
                                renamed, run_requests, sync, warm_up, write_json)
 from punica_core import Engine  # noqa: E402
+from punica_core.adapters import pinned_memory  # noqa: E402
 from punica_core.model import lora as lora_model  # noqa: E402
 from punica_core.model.kv_cache import KVCache  # noqa: E402
 from punica_core.ops.backend import cuda_ops  # noqa: E402
@@ -143,7 +144,7 @@ def run_many(args, cfg, loaded, paths: dict, common: dict, rng: random.Random) -
            "registration": f"{len(files)} files registered (parsed); each of the "
                            f"{len(aliases)} names is registered lazily (register_adapter(..., "
                            f"lazy=True): config and header only) on folder i % {len(files)}, "
-                           "and parsed from it on first use",
+                           "and read from it on first use",
            "zipf_alpha": args.zipf_alpha, "requests": n_req, "max_batch": args.batch,
            "new_tokens_per_request": f"uniform in [{lo}, {hi}] (same sequence in both runs)",
            "working_set": len(working), "slots": args.slots,
@@ -161,6 +162,26 @@ def run_many(args, cfg, loaded, paths: dict, common: dict, rng: random.Random) -
             f"{time.perf_counter() - t0:.2f}s ({slots} slots, host cache {host_cache})")
         return e, t
 
+    rounds = []
+    for rnd in range(args.many_rounds):
+        rounds.append(many_round(args, cfg, build, files, working, file_of, prompts, adapters,
+                                 counts, rng, first=rnd == 0))
+    out.update(rounds[-1])
+    out["rounds"] = rounds
+    out["ratios_median_of_rounds"] = {}
+    for key, run in (("many_vs_resident", "many"), ("many_warm_host_vs_resident",
+                                                      "many_warm_host")):
+        per = [r[run]["tokens_per_s"] / r["resident"]["tokens_per_s"] for r in rounds]
+        out[key] = per[-1]
+        out["ratios_median_of_rounds"][key] = {"median": statistics.median(per),
+                                               "per_round": per}
+    return out
+
+
+def many_round(args, cfg, build, files, working, file_of, prompts, adapters, counts, rng,
+               first: bool) -> dict:
+    """One round of the zipf case: resident, cold, warm host cache (fresh engines each)."""
+    out = {}
     # 1. the whole working set resident in slots (loaded before the clock starts)
     e, t_reg = build(len(working), max(len(files), args.host_cache))
     for a in working:
@@ -172,7 +193,8 @@ def run_many(args, cfg, loaded, paths: dict, common: dict, rng: random.Random) -
     loads = e.pool.loads
     # an untimed pass of the same stream first: the prefill shapes of 128-token prompts build
     # their kernels (Triton compiles per shape) here, not inside the first timed run
-    out["resident_untimed_first_pass"] = run_requests(e, prompts, adapters, counts)
+    if first:
+        out["resident_untimed_first_pass"] = run_requests(e, prompts, adapters, counts)
     out["resident"] = run_requests(e, prompts, adapters, counts)
     out["resident"]["loads"] = e.pool.loads - loads
     log("many: resident", json.dumps(out["resident"]))
@@ -206,9 +228,6 @@ def run_many(args, cfg, loaded, paths: dict, common: dict, rng: random.Random) -
         log(f"many: {label}", json.dumps(out[label]))
         free(e)
         del e
-    out["many_warm_host_vs_resident"] = out["many_warm_host"]["tokens_per_s"] \
-        / out["resident"]["tokens_per_s"]
-    out["many_vs_resident"] = out["many"]["tokens_per_s"] / out["resident"]["tokens_per_s"]
     return out
 
 
@@ -258,16 +277,22 @@ def main(argv=None):
                     help="model/lora.py's OVERLAP_KERNEL for the LoRA beside each GEMM "
                          "(default: the engine's, streamed)")
     ap.add_argument("--many-adapters", type=int, default=0, help="N for the zipf case; 0: skip")
-    ap.add_argument("--device-stacking", action="store_true",
+    ap.add_argument("--device-stacking", choices=("auto", "on", "off"), default="auto",
                     help="EngineConfig.adapter_device_stacking: adapters read in the background "
-                         "are stacked on the device at slot load")
+                         "are stacked on the device at slot load (auto: the engine's default, "
+                         "on for CUDA)")
     ap.add_argument("--slots", type=int, default=32, help="device slots in the zipf case")
+    ap.add_argument("--many-rounds", type=int, default=3,
+                    help="zipf case: rounds of (resident, cold, warm host); the ratios' "
+                         "median over rounds is reported beside the last round's")
     ap.add_argument("--host-cache", type=int, default=64, help="host cache in the zipf case")
     ap.add_argument("--loader-workers", type=int, default=4,
                     help="EngineConfig.adapter_loader_workers in the zipf case")
-    ap.add_argument("--gil-switch-interval-ms", default="engine",
-                    help="EngineConfig.gil_switch_interval_ms: a number, 'none' (Python's "
-                         "own, 5 ms) or 'engine' (the engine's default)")
+    ap.add_argument("--gil-switch-interval-ms", type=float, default=None,
+                    help="sys.setswitchinterval for the run (default: Python's, 5 ms)")
+    ap.add_argument("--pinned-cuda-host-alloc", action="store_true",
+                    help="the host cache's pinned memory from cudaHostAlloc (torch's default) "
+                         "instead of malloc + cudaHostRegister (the store's)")
     ap.add_argument("--distinct-files", type=int, default=16, help="files behind the N names")
     ap.add_argument("--zipf-alpha", type=float, default=1.0)
     ap.add_argument("--waves", type=int, default=4, help="zipf case: waves x batch requests")
@@ -299,11 +324,12 @@ def main(argv=None):
                   max_lora_rank=args.rank, max_tokens_per_step=args.batch * args.prompt_len,
                   kv_cache_gb=args.kv_cache_gb or (8 if device.type == "cuda" else 0.25),
                   max_model_len=4096)
-    if args.device_stacking:
-        common["adapter_device_stacking"] = True
-    if args.gil_switch_interval_ms != "engine":
-        common["gil_switch_interval_ms"] = None if args.gil_switch_interval_ms == "none" \
-            else float(args.gil_switch_interval_ms)
+    if args.device_stacking != "auto":
+        common["adapter_device_stacking"] = args.device_stacking == "on"
+    if args.gil_switch_interval_ms:
+        sys.setswitchinterval(args.gil_switch_interval_ms / 1e3)
+    if args.pinned_cuda_host_alloc:
+        pinned_memory.REGISTER_HOST_MEMORY = False
     if args.lora_overlap != "auto":
         common["lora_overlap"] = args.lora_overlap == "on"
     if args.overlap_kernel:
@@ -314,6 +340,9 @@ def main(argv=None):
     log(f"model ready in {time.perf_counter() - t0:.1f}s")
     out["engine_config"] = config_dict(engine)
     out["python_switch_interval_ms"] = sys.getswitchinterval() * 1e3
+    out["adapter_device_stacking"] = engine.store.device_stacking
+    out["host_cache_pinned_memory"] = "malloc + cudaHostRegister" \
+        if engine.store.registered_host_memory else "cudaHostAlloc"
     out["lora_overlap"] = engine.runner.lora_overlap      # what the engine resolved
     out["dtype"] = str(engine.model.dtype).removeprefix("torch.")
     out["adapter_registration_s"] = register_all(engine, {n: paths[n] for n in pool})

@@ -33,14 +33,13 @@ class EngineConfig:
                                     # benchmarks/results/engine_gpu_h200_7b.json), off on CPU
     host_cache_adapters: int = 64   # parsed adapters kept in host memory
     adapter_loader_workers: int = 4     # threads that read and parse adapters in the background
-    adapter_device_stacking: bool = False   # experimental: adapters read in the background
-                                    # (lazy, or re-read after the host cache dropped them) are
-                                    # kept as file bytes and stacked / checked on the device at
-                                    # slot load (adapters/slots.py); registration still parses
-    gil_switch_interval_ms: float | None = 0.2   # the engine lowers Python's thread switch
-                                    # interval (sys.setswitchinterval, 5 ms by default) to this:
-                                    # a loader thread waits up to one interval for the GIL after
-                                    # each torch call, beside a busy engine loop; None: unchanged
+    adapter_device_stacking: bool | None = None   # adapters read in the background (lazy,
+                                    # or re-read after the host cache dropped them) are kept as
+                                    # the file's bytes in pinned memory and stacked / checked on
+                                    # the device at slot load (adapters/slots.py): the loader
+                                    # threads only read. None: on for CUDA, off on CPU (there
+                                    # the stacking would run on the engine's thread).
+                                    # Registration still parses and checks on the host
     max_adapter_bytes: int = 512 << 20
     seed: int = 0
     metrics_window: int = 4096
@@ -54,8 +53,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose from {', '.join(_DTYPES)}")
-        if self.gil_switch_interval_ms is not None and not self.gil_switch_interval_ms > 0:
-            raise ValueError("gil_switch_interval_ms must be > 0 (or None)")
         if self.max_lora_rank > 128:
             raise ValueError("max_lora_rank is at most 128")
 

@@ -47,11 +47,10 @@ def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob: "Blob") -> None:
     layers and rank rows the adapter lacks zeroed, the rest copied a run of layers at a time.
     blob: the file's bytes on the items' device (Blob of byte_tensor on the host)."""
     layers, r_max = A.shape[0], A.shape[1]
-    if blob.data.device.type == "cpu":
-        run = _file_run(items, layers, r_max)
-        if run is not None:
-            _stack_file_run(A, B, run, blob)
-            return
+    run = _file_run(items, layers)
+    if run is not None:
+        _stack_file_run(A, B, run, blob)
+        return
     touched = [False] * layers
     for run in _layer_runs(items):
         lo, hi, r, scale = run[0][0], run[-1][0] + 1, run[0][1].shape[0], run[0][3]
@@ -66,13 +65,12 @@ def stack_into(A: torch.Tensor, B: torch.Tensor, items, blob: "Blob") -> None:
         B[lo:hi].zero_()
 
 
-def _file_run(items: list, layers: int, r_max: int) -> list | None:
-    """items in file order if they are one run there: every layer once, all of rank r_max
-    with one scale, shapes and dtypes, their a (and b) tensors at one byte stride in the file.
-    PEFT's files are (sorted by key, layers 0, 1, 10-19, 2, 20-29, 3, 30, 31, 4-9 lie at one
-    stride), so the host copies each projection with a few ops whatever the layer order.
-    None otherwise."""
-    if len(items) != layers or items[0][1].shape[0] != r_max:
+def _file_run(items: list, layers: int) -> list | None:
+    """items in file order if they are one run there: every layer once, one rank, scale,
+    shapes and dtypes, their a (and b) tensors at one byte stride in the file. PEFT's files
+    are (sorted by key, layers 0, 1, 10-19, 2, 20-29, 3, 30, 31, 4-9 lie at one stride), so a
+    projection is stacked with a few ops whatever the layer order. None otherwise."""
+    if len(items) != layers:
         return None
     run = sorted(items, key=lambda it: it[1].offset)
     if sorted(it[0] for it in run) != list(range(layers)):
@@ -84,17 +82,25 @@ def _file_run(items: list, layers: int, r_max: int) -> list | None:
 
 
 def _stack_file_run(A: torch.Tensor, B: torch.Tensor, run: list, blob: "Blob") -> None:
-    """A run in file order (_file_run) to A and B: its strided views gathered by layer."""
+    """A run in file order (_file_run) to A and B: its strided views gathered by layer (on
+    the device, the gather's index goes there by a non-blocking copy from pinned memory)."""
     where = [0] * len(run)                  # layer -> its place in the file's order
     for k, item in enumerate(run):
         where[item[0]] = k
     order = torch.tensor(where)
+    if blob.data.device.type != "cpu":
+        order = order.pin_memory().to(blob.data.device, non_blocking=True)
+    r, scale = run[0][1].shape[0], run[0][3]
     a = _run_view(blob, run, 1)
-    if a.dtype == A.dtype:
+    if r == A.shape[1] and a.dtype == A.dtype:
         torch.index_select(a, 0, order, out=A)
     else:
-        A.copy_(torch.index_select(a, 0, order))        # a converting copy
-    _scaled_t(torch.index_select(_run_view(blob, run, 2), 0, order), run[0][3], out=B)
+        A[:, :r].copy_(torch.index_select(a, 0, order))     # a converting copy
+    _scaled_t(torch.index_select(_run_view(blob, run, 2), 0, order), scale,
+              out=B if r == B.shape[1] else B[:, :r])
+    if r < A.shape[1]:
+        A[:, r:].zero_()
+        B[:, r:].zero_()
 
 
 def byte_tensor(blob: bytes | memoryview) -> torch.Tensor:

@@ -8,7 +8,6 @@ thread (the EngineLoop's, or the caller's in tests).
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import Counter
@@ -48,10 +47,12 @@ class Engine:
         self.kv = KVCache(mcfg, self._num_kv_blocks(), cfg.block_size, dtype, device)
         slots = cfg.max_adapters_on_gpu if cfg.enable_lora else 0
         self.pool = SlotPool(mcfg, slots, cfg.max_lora_rank, dtype, device)
+        stacking = cfg.adapter_device_stacking
         self.store = AdapterStore(mcfg, cfg.max_lora_rank, cfg.host_cache_adapters,
                                   cfg.max_adapter_bytes, pin_memory=device.type == "cuda",
-                                  dtype=dtype, device_stacking=cfg.adapter_device_stacking,
-                                  loader_workers=cfg.adapter_loader_workers)
+                                  dtype=dtype, loader_workers=cfg.adapter_loader_workers,
+                                  device_stacking=device.type == "cuda" if stacking is None
+                                  else stacking)
         self.scheduler = Scheduler(cfg, self.kv, self.pool, self.store, self.max_model_len)
         overlap = cfg.lora_overlap if cfg.lora_overlap is not None else device.type == "cuda"
         graphs = DecodeGraphs(self.model, self.kv, self.pool, cfg.max_batch, self.max_model_len,
@@ -68,9 +69,6 @@ class Engine:
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self.on_new_work = lambda: None         # the EngineLoop wakes itself through this
-        if cfg.gil_switch_interval_ms is not None:
-            # process-wide; only ever lowered (another engine or the user may have set less)
-            sys.setswitchinterval(min(sys.getswitchinterval(), cfg.gil_switch_interval_ms / 1e3))
 
     @property
     def name(self) -> str:

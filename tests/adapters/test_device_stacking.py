@@ -40,6 +40,30 @@ def test_raw_slot_equals_parsed_slot(tmp_path, file_dtype, dtype):
         assert same_bits(wp.a[1], ws.a[1]) and same_bits(wp.b[1], ws.b[1]), p
 
 
+UNIFORM = {"q_proj": list(range(CFG.num_layers)), "down_proj": list(range(CFG.num_layers))}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_every_layer_one_rank_stacks_from_file_order_the_same(tmp_path, file_dtype, device):
+    """Every layer at one rank (8, in slots of rank 16): each projection is one run in the
+    file's order (layers 0, 1, 10, ... by key), gathered by layer into the slot; the same bits
+    as the host parse, the padding rows zero."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": list(UNIFORM)}
+    make_adapter(tmp_path / "a", file_dtype, config=config, layers_of=UNIFORM,
+                 alpha_of=lambda *_: (8, 16))
+    (parsed, s1, ok1, _), (stacked, s2, ok2, fails) = load_both(tmp_path / "a", torch.bfloat16,
+                                                                 device)
+    assert ok1 and ok2 and not fails
+    for p in UNIFORM:
+        wp, ws = parsed.weights[p], stacked.weights[p]
+        assert ws.ranks_list[s2] == 8
+        assert same_bits(wp.a[s1], ws.a[s2]) and same_bits(wp.b[s1], ws.b[s2]), p
+        assert not ws.a[s2, :, 8:].any() and not ws.b[s2, :, 8:].any()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_fails_the_slot_load_naming_the_layer(tmp_path, bad):
     tensors = make_adapter(tmp_path / "a", torch.bfloat16)

@@ -43,7 +43,7 @@ def close(a, b) -> bool:
 def test_engine_gpu_on_cpu(tmp_path):
     d = run("engine_gpu", tmp_path, "--batch", "4", "--prompt-len", "8", "--new-tokens", "6",
             "--rounds", "1", "--peft-new-tokens", "2", "--many-adapters", "12", "--slots", "3",
-            "--host-cache", "4", "--distinct-files", "3", "--waves", "2")
+            "--host-cache", "4", "--distinct-files", "3", "--waves", "2", "--many-rounds", "2")
     assert d["torch"] and d["device"].startswith("cpu") and d["dtype"] == "float32"
     ours, ratios, bw = d["ours"], d["ratios"], d["copy_bandwidth"]
     assert positive(bw["gb_per_s"]) and close(bw["gb_per_s"],
@@ -89,6 +89,14 @@ def test_engine_gpu_on_cpu(tmp_path):
     assert warm["host_parses"] == 0 and warm["evictions"] > 0   # slot churn only, no disk
     assert close(ratios["many_warm_host_vs_resident"],
                  warm["tokens_per_s"] / m["resident"]["tokens_per_s"])
+    assert len(m["rounds"]) == 2 and "resident_untimed_first_pass" in m["rounds"][0] \
+        and "resident_untimed_first_pass" not in m["rounds"][1]
+    for key, label in (("many_vs_resident", "many"), ("many_warm_host_vs_resident",
+                                                        "many_warm_host")):
+        per = [r[label]["tokens_per_s"] / r["resident"]["tokens_per_s"] for r in m["rounds"]]
+        med = m["ratios_median_of_rounds"][key]
+        assert med["per_round"] == per and close(med["median"], (per[0] + per[1]) / 2)
+        assert close(ratios[key], per[-1])
     assert "private_apis_used" not in d      # lazy registration and store counters are public
 
 

@@ -184,22 +184,3 @@ def test_resumed_request_continues_the_same_greedy_tokens(make_engine):
     assert [t for o in outs for t in o.new_token_ids] == full.output_ids[10:]
     assert outs[-1].text == full.stream.result().text
 
-
-def test_engine_lowers_the_gil_switch_interval_and_never_raises_it(make_engine):
-    """Loader threads parse adapters beside the engine loop; each of their torch calls waits
-    up to Python's switch interval for the GIL, so the engine lowers it (process-wide)."""
-    import sys
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.005)
-        make_engine(gil_switch_interval_ms=0.5)
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-        make_engine(gil_switch_interval_ms=2.0)        # a larger value leaves the lower one
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-        sys.setswitchinterval(0.005)
-        make_engine(gil_switch_interval_ms=None)
-        assert sys.getswitchinterval() == pytest.approx(0.005)
-        with pytest.raises(ValueError, match="gil_switch_interval_ms"):
-            make_engine(gil_switch_interval_ms=0)
-    finally:
-        sys.setswitchinterval(before)
