@@ -333,6 +333,11 @@ def main(argv=None):
         "slot_load_vs_pinned_h2d": h.get("fraction_of_pinned_h2d"),
         "disk_to_slot_cold_ms": d["e2e_cold_ms_median"],
         "disk_to_slot_warm_ms": d["e2e_warm_ms_median"],
+        # the path of background reads (lazy adapters, re-reads) on CUDA by default
+        "disk_to_slot_device_stacked_cold_ms":
+            out["disk_to_slot_device_stacked"]["e2e_cold_ms_median"],
+        "disk_to_slot_device_stacked_warm_ms":
+            out["disk_to_slot_device_stacked"]["e2e_warm_ms_median"],
         "no_stall_step_p50_with_vs_without": out["no_stall"]["step_p50_with_vs_without"],
         "no_stall_iteration_p50_with_vs_without":
             out["no_stall"]["iteration_p50_with_vs_without"]}

@@ -1,10 +1,11 @@
 """How the host cache gets its pinned memory on CUDA hosts.
 
 torch's pinned allocations come from cudaHostAlloc by default, which holds a driver-wide lock
-while it pins: ~57 ms for an 80 MB Llama-2-7B adapter on the H200 host (1.5 GB/s), and the
-loader threads' allocations queue behind each other. torch's caching host allocator can use
-malloc + cudaHostRegister instead, with the pages touched by several threads: 5.6 ms for the
-same 80 MB (benchmarks/diag/pinned_alloc.py -> benchmarks/results/diag/pinned_alloc_h200.json).
+while it pins: 62 ms for an 80 MB Llama-2-7B adapter on the H200 host, and the loader threads'
+allocations queue behind each other (four at once: 109-144 ms each). torch's caching host
+allocator can use malloc + cudaHostRegister instead, with the pages touched by several
+threads: 15.6 ms for the same 80 MB, four at once 26-31 ms each (benchmarks/diag/
+pinned_alloc.py -> benchmarks/results/diag/pinned_alloc_h200{,_registered}.json).
 The store switches that on once per process, unless PYTORCH_CUDA_ALLOC_CONF already says how.
 """
 from __future__ import annotations

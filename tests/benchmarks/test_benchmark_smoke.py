@@ -123,6 +123,9 @@ def test_adapter_loading_on_cpu(tmp_path):
     assert close(s["step_p50_with_vs_without"],
                  s["step_ms_p50_with"] / s["step_ms_p50_without"])
     assert d["ratios"]["no_stall_step_p50_with_vs_without"] == s["step_p50_with_vs_without"]
+    stacked = d["disk_to_slot_device_stacked"]
+    assert len(stacked["files"]) == 2 and all(positive(f["e2e_cold_ms"]) for f in stacked["files"])
+    assert d["ratios"]["disk_to_slot_device_stacked_cold_ms"] == stacked["e2e_cold_ms_median"]
 
 
 @pytest.mark.parametrize("script", ["engine_gpu", "adapter_loading"])
