@@ -82,14 +82,11 @@ def _file_run(items: list, layers: int) -> list | None:
 
 
 def _stack_file_run(A: torch.Tensor, B: torch.Tensor, run: list, blob: "Blob") -> None:
-    """A run in file order (_file_run) to A and B: its strided views gathered by layer (on
-    the device, the gather's index goes there by a non-blocking copy from pinned memory)."""
+    """A run in file order (_file_run) to A and B: its strided views gathered by layer."""
     where = [0] * len(run)                  # layer -> its place in the file's order
     for k, item in enumerate(run):
         where[item[0]] = k
-    order = torch.tensor(where)
-    if blob.data.device.type != "cpu":
-        order = order.pin_memory().to(blob.data.device, non_blocking=True)
+    order = blob.order(where)
     r, scale = run[0][1].shape[0], run[0][3]
     a = _run_view(blob, run, 1)
     if r == A.shape[1] and a.dtype == A.dtype:
@@ -121,6 +118,20 @@ class Blob:
     def __init__(self, data: torch.Tensor):
         self.data = data
         self._typed: dict[torch.dtype, torch.Tensor] = {}
+        self._orders: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def order(self, where: list[int]) -> torch.Tensor:
+        """where as an index tensor on the bytes' device, made once per adapter (its
+        projections share one layer order); to the device by a non-blocking copy from pinned
+        memory."""
+        key = tuple(where)
+        index = self._orders.get(key)
+        if index is None:
+            index = torch.tensor(where)
+            if self.data.device.type != "cpu":
+                index = index.pin_memory().to(self.data.device, non_blocking=True)
+            self._orders[key] = index
+        return index
 
     def typed(self, dtype: torch.dtype) -> torch.Tensor:
         view = self._typed.get(dtype)
