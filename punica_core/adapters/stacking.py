@@ -72,12 +72,14 @@ def _file_run(items: list, layers: int) -> list | None:
     projection is stacked with a few ops whatever the layer order. None otherwise."""
     if len(items) != layers:
         return None
-    run = sorted(items, key=lambda it: it[1].offset)
-    if sorted(it[0] for it in run) != list(range(layers)):
+    ordered = sorted(items, key=lambda it: it[1].offset)
+    if sorted(it[0] for it in ordered) != list(range(layers)):
         return None
-    for k in range(1, len(run)):
-        if not _extends(run[:k], run[k], consecutive=False):
+    run = ordered[:1]
+    for item in ordered[1:]:
+        if not _extends(run, item, consecutive=False):
             return None
+        run.append(item)
     return run
 
 
