@@ -253,18 +253,15 @@ def _spans(flags: list[bool]) -> Iterator[tuple[int, int]]:
 
 
 def check_finite(A: torch.Tensor, B: torch.Tensor, where: str, proj: str) -> None:
-    """Refuses NaN / inf in A or B, naming the first such layer. A NaN or inf term makes the
-    sum NaN or inf; finite terms do so only by overflow. So a finite sum passes at once (10x
-    faster than the per-layer check), and any other sum falls back to the exact check."""
-    if all(bool(torch.isfinite(w.sum())) for w in (A, B)):
-        return
-    _check_layers(A, B, where, proj)
+    """check_all_finite for one projection."""
+    check_all_finite({proj: (A, B)}, where)
 
 
 def check_all_finite(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], where: str) -> None:
-    """check_finite for every projection at once: one sum per tensor and a single test of them
-    all (a few torch calls instead of three per tensor); a non-finite sum falls back to the
-    exact check of each projection, which names the first bad one."""
+    """Refuses NaN / inf in any projection's A or B, naming the first bad layer. A NaN or inf
+    term makes a sum NaN or inf; finite terms do so only by overflow. So finite sums pass at
+    once (10x faster than the per-layer check; one sum per tensor and a single test of them
+    all), and any other sum falls back to the exact check of each projection."""
     # sums in the weights' dtype (bf16 has fp32's range; an fp16 sum that overflows only
     # sends that adapter to the exact check): on the CPU a float32 sum of bf16 is 10x slower
     sums = [w.sum() for pair in weights.values() for w in pair]
