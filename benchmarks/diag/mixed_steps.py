@@ -28,6 +28,7 @@ from benchmarks.common import (check_device, default_adapter_dir, engine_config,
                                ensure_adapters, log, model_shape, random_prompts,
                                register_all, run_requests, warm_up, write_json)
 from punica_core import Engine  # noqa: E402
+from punica_core.model import llama  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -42,8 +43,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-tokens-per-step", type=int, default=None,
                     help="default: batch x prompt-len, as engine_gpu.py")
+    ap.add_argument("--paged-prefill", choices=("on", "off"), default=None,
+                    help="llama.MIXED_STEP_PAGED_PREFILL (the paged Triton prefill kernel in "
+                         "eager steps); default: the model's")
     ap.add_argument("--out", default="/tmp/mixed_steps.json")
     args = ap.parse_args(argv)
+    if args.paged_prefill:
+        llama.MIXED_STEP_PAGED_PREFILL = args.paged_prefill == "on"
     device = check_device(args.device)
     cfg = model_shape(args.model)
     rng = random.Random(0)
@@ -62,6 +68,7 @@ def main(argv=None) -> None:
     counts = [rng.randint(lo, hi) for _ in range(args.requests)]
     prompts = random_prompts(cfg, args.requests, args.prompt_len, rng)
     out = {"model": args.model, "batch": args.batch, "requests": args.requests,
+           "paged_prefill": engine.model.uses_paged_prefill(),
            "max_tokens_per_step": budget, "first_pass": run_requests(engine, prompts, adapters,
                                                                      counts)}
     log("first pass", json.dumps(out["first_pass"]))

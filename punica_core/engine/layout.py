@@ -16,6 +16,18 @@ class PrefillChunk:
 
 
 @dataclass
+class PrefillTables:
+    """The prefill chunks of a step for the paged Triton prefill kernel (int32, on CUDA):
+    chunk c's rows start at starts[c], lens[c] of them, at positions first_pos[c] + j, read
+    through block_tables[c]; max_rows (host) bounds lens."""
+    starts: torch.Tensor
+    lens: torch.Tensor
+    first_pos: torch.Tensor
+    block_tables: torch.Tensor      # [C, blocks], padded with block 0
+    max_rows: int
+
+
+@dataclass
 class LoraSegments:
     """Rows grouped by adapter slot: rows indptr[i]:indptr[i+1] use slot_ids[i] (-1: none)."""
     indptr: list[int]
@@ -45,6 +57,8 @@ class BatchLayout:
     # the decode rows of any step, for the paged kernel on CUDA (steps that also prefill)
     decode_block_tables: torch.Tensor | None = None     # [Bd, blocks] int32
     decode_context_lens: torch.Tensor | None = None     # [Bd] int32
+    # the prefill chunks, for the paged prefill kernel (built when asked: paged_prefill)
+    prefill_tables: PrefillTables | None = None
     stats: dict = field(default_factory=dict)
 
     @property
@@ -62,9 +76,11 @@ class ScheduledChunk:
     sample: bool                    # does this chunk end at the request's newest token?
 
 
-def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> BatchLayout:
+def build_layout(chunks: list[ScheduledChunk], block_size: int, device,
+                 paged_prefill: bool = False) -> BatchLayout:
     """Rows are laid out in the order given; the scheduler sorts chunks by slot so that each
-    adapter's rows are contiguous and form one SGMV segment."""
+    adapter's rows are contiguous and form one SGMV segment. paged_prefill: also the prefill
+    chunks' tables for the paged prefill kernel (model/attention_prefill_triton.py)."""
     ids, pos, slots_map = [], [], []
     decode_rows, decode_ctx, decode_tables = [], [], []
     prefills: list[tuple[int, int, list[int], int]] = []
@@ -117,6 +133,8 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> Batch
         kv_index = torch.zeros(0, 0, dtype=torch.long)
         kv_mask = torch.zeros(0, 0, dtype=torch.bool)
 
+    prefill_tables = _prefill_tables(prefills, block_size, device) \
+        if paged_prefill and prefills else None
     lora = LoraSegments(indptr, seg_slots,
                         torch.tensor(indptr, dtype=torch.int32, **to),
                         torch.tensor(seg_slots, dtype=torch.int32, **to))
@@ -129,4 +147,19 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device) -> Batch
         prefills=[PrefillChunk(s, e, flat_index(t, fp + e - s).to(device), fp)
                   for s, e, t, fp in prefills],
         logit_rows=torch.tensor(logit_rows, dtype=torch.long, **to),
-        lora=lora, decode_block_tables=tables, decode_context_lens=lens)
+        lora=lora, decode_block_tables=tables, decode_context_lens=lens,
+        prefill_tables=prefill_tables)
+
+
+def _prefill_tables(prefills: list[tuple[int, int, list[int], int]], block_size: int,
+                    device) -> PrefillTables:
+    """prefills: (row_start, row_end, block table, first_pos) per chunk; one int32 copy."""
+    blocks = max(-(-(fp + e - s) // block_size) for s, e, _, fp in prefills)
+    meta = [[s for s, _, _, _ in prefills], [e - s for s, e, _, _ in prefills],
+            [fp for _, _, _, fp in prefills]]
+    rows = [t[:blocks] + [0] * (blocks - len(t[:blocks])) for _, _, t, _ in prefills]
+    flat = torch.tensor([x for m in meta for x in m] + [x for r in rows for x in r],
+                        dtype=torch.int32).to(device)
+    C = len(prefills)
+    return PrefillTables(flat[:C], flat[C:2 * C], flat[2 * C:3 * C],
+                         flat[3 * C:].view(C, blocks), max(meta[1]))

@@ -22,7 +22,8 @@ class ModelRunner:
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
 
     def prepare(self, batch: ScheduledBatch) -> BatchLayout:
-        return build_layout(batch.chunks, self.kv.block_size, self.model.device)
+        return build_layout(batch.chunks, self.kv.block_size, self.model.device,
+                            paged_prefill=self.model.uses_paged_prefill())
 
     def forward(self, layout: BatchLayout) -> torch.Tensor:
         """Logits [B, V] of the rows that sample."""

@@ -24,6 +24,10 @@ from .rope import RotaryTable
 # + SDPA over padded contexts (benchmarks/diag/mixed_steps.py). Tests switch it off for the
 # reference.
 MIXED_STEP_PAGED_DECODE = True
+# ... and their prefill chunks' attention in the paged Triton prefill kernel, one launch for
+# all chunks (graph-capturable) instead of a gather + SDPA per chunk. Off until measured on a
+# GPU; the engine asks build_layout for the chunks' tables when it is on (paged_prefill).
+MIXED_STEP_PAGED_PREFILL = False
 
 QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), \
     ("gate_proj", "up_proj"), ("down_proj",)
@@ -72,8 +76,36 @@ class LlamaModel:
             from .attention_triton import paged_decode_attention
             return paged_decode_attention(q, kv.k[layer], kv.v[layer], layout.block_tables,
                                           layout.context_lens, kv.block_size, self.scale)
+        if layout.prefill_tables is not None:
+            return self._paged_step(q, kv, layer, layout)
         return paged_attention_ref(q, kv.k[layer], kv.v[layer], layout, self.scale,
                                    self._paged_decode(q, kv, layer, layout))
+
+    def uses_paged_prefill(self) -> bool:
+        """Whether eager steps want the prefill chunks' tables (build_layout's paged_prefill):
+        MIXED_STEP_PAGED_PREFILL on CUDA in fp16/bf16 with triton."""
+        if not MIXED_STEP_PAGED_PREFILL or self.device.type != "cuda" \
+                or self.dtype == torch.float32:
+            return False
+        from .attention_triton import triton_available
+        return triton_available()
+
+    def _paged_step(self, q, kv: KVCache, layer: int, layout: BatchLayout) -> torch.Tensor:
+        """Every row's attention from the paged kernels: the prefill chunks in one launch,
+        the decode rows in the paged decode kernel."""
+        from .attention_prefill_triton import paged_prefill_attention
+        from .attention_triton import paged_decode_attention
+        pt = layout.prefill_tables
+        out = paged_prefill_attention(q, kv.k[layer], kv.v[layer], pt.starts, pt.lens,
+                                      pt.first_pos, pt.block_tables, kv.block_size, self.scale,
+                                      max_chunk_rows=pt.max_rows)
+        if layout.decode_rows.numel():
+            rows = layout.decode_rows
+            out[rows] = paged_decode_attention(q[rows], kv.k[layer], kv.v[layer],
+                                               layout.decode_block_tables,
+                                               layout.decode_context_lens, kv.block_size,
+                                               self.scale)
+        return out
 
     def _paged_decode(self, q, kv: KVCache, layer: int, layout: BatchLayout):
         """For an eager step on CUDA in fp16/bf16 (fp32 keeps the reference): its decode rows'

@@ -106,6 +106,18 @@ def test_prefill_beside_decode_rows_paged_attention_matches_reference_bf16(moder
     agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
 
 
+def test_paged_prefill_kernel_matches_reference_attention_bf16(moderate_adapters, monkeypatch):
+    """llama.MIXED_STEP_PAGED_PREFILL: eager steps run their prefill chunks (and decode rows)
+    in the paged Triton kernels; the same logits within bf16's noise as the reference
+    attention's gather + SDPA per chunk, with prompts prefilled beside running requests."""
+    from punica_core.model import llama
+    monkeypatch.setattr(llama, "MIXED_STEP_PAGED_PREFILL", False)
+    ref = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
+    monkeypatch.setattr(llama, "MIXED_STEP_PAGED_PREFILL", True)
+    test = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
+    agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
+
+
 def test_prefill_beside_decode_rows_fp32_matches_cpu(adapters):
     torch.backends.cuda.matmul.allow_tf32 = False
     agree(run("cpu", torch.float32, adapters, stagger=True),

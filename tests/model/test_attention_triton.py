@@ -101,20 +101,8 @@ def test_choose_num_partitions_depends_on_sizes_only():
 
 # The interpreter run: a subprocess so that TRITON_INTERPRET=1 is set before triton loads.
 _INTERP_SCRIPT = r"""
-import json, sys
-import numpy as np
-try:    # numpy >= 2.4 refuses int() of a 1-element 1-d array, which triton's interpreter
-        # uses for scalars such as loop bounds loaded from memory; give it .item() instead.
-    int(np.array([1]))
-except TypeError:
-    import triton.runtime.interpreter as _I
-    _orig = _I._patch_lang_tensor
-    def _patched(tensor, scope):
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    _I._patch_lang_tensor = _patched
+import json
 import torch
-sys.path.insert(0, "tests/model")
 from test_attention_triton import check, make_case
 
 results = []
