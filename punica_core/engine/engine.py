@@ -23,6 +23,7 @@ from ..model.kv_cache import KVCache
 from ..model.loader import LoadedModel, load_model
 from .metrics import EngineMetrics, StepRecord, process_memory_bytes
 from .cuda_graphs import DecodeGraphs, graphs_supported
+from .mixed_graphs import MixedGraphs
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status
 from .sampling import SamplingParams
@@ -58,7 +59,11 @@ class Engine:
         graphs = DecodeGraphs(self.model, self.kv, self.pool, cfg.max_batch, self.max_model_len,
                               lora_overlap=overlap) \
             if cfg.cuda_graphs and graphs_supported(self.model) else None
-        self.runner = ModelRunner(self.model, self.kv, self.pool, graphs, lora_overlap=overlap)
+        mixed = MixedGraphs(self.model, self.kv, self.pool, cfg.max_batch,
+                            cfg.max_tokens_per_step, self.max_model_len) \
+            if graphs is not None else None
+        self.runner = ModelRunner(self.model, self.kv, self.pool, graphs, lora_overlap=overlap,
+                                  mixed_graphs=mixed)
         self.metrics = EngineMetrics(cfg.metrics_window)
         self.eos_ids = tuple(set(mcfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None

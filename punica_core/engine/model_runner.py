@@ -9,16 +9,19 @@ from ..model.llama import LlamaModel
 from ..model.lora import LoraContext
 from .cuda_graphs import DecodeGraphs
 from .layout import BatchLayout, build_layout
+from .mixed_graphs import MixedGraphs
 from .sampling import sample
 from .scheduler import ScheduledBatch
 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, pool: SlotPool,
-                 graphs: DecodeGraphs | None = None, lora_overlap: bool = False):
+                 graphs: DecodeGraphs | None = None, lora_overlap: bool = False,
+                 mixed_graphs: MixedGraphs | None = None):
         self.model, self.kv, self.pool = model, kv, pool
         self.lora_overlap = lora_overlap
         self.graphs = graphs    # decode steps replay CUDA graphs when they fit
+        self.mixed_graphs = mixed_graphs    # and steps that prefill (experimental, off)
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
 
     def prepare(self, batch: ScheduledBatch) -> BatchLayout:
@@ -37,6 +40,8 @@ class ModelRunner:
         """One token per scheduled request (None for chunks that do not sample yet)."""
         if self.graphs is not None and self.graphs.fits(batch.chunks):
             logits = self.graphs.run(batch.chunks)
+        elif self.mixed_graphs is not None and self.mixed_graphs.fits(batch.chunks):
+            logits = self.mixed_graphs.run(batch.chunks)
         else:
             logits = self.forward(self.prepare(batch))
         sampling = [(r, c) for r, c in zip(batch.requests, batch.chunks) if c.sample]

@@ -86,12 +86,13 @@ class LoraContext:
 
     @classmethod
     def for_graph(cls, pool, indptr_t: torch.Tensor, slot_ids_t: torch.Tensor,
-                  v: torch.Tensor, overlap: bool = False) -> "LoraContext":
+                  v: torch.Tensor, overlap: bool = False, path: int = 0) -> "LoraContext":
         """Every projection active and all segment metadata on the device, so that nothing is
         read on the host and the step can be captured in a CUDA graph (CUDA kernels only;
-        a slot's rank 0 makes its projection a no-op inside the kernel)."""
+        a slot's rank 0 makes its projection a no-op inside the kernel). path: the kernels'
+        choice, 0 for decode steps' 1-row segments, PAIR_PATH where segments can be long."""
         ctx = cls.__new__(cls)
-        ctx.pool, ctx.v, ctx.small, ctx.path = pool, v, None, 0    # 1-row segments
+        ctx.pool, ctx.v, ctx.small, ctx.path = pool, v, None, path
         ctx._overlap(overlap, v.device)
         ctx._indptr, ctx._slots, ctx._lists = indptr_t, slot_ids_t, False
         ctx.rank = {p: pool.max_rank for p in pool.projections}

@@ -18,7 +18,8 @@ MIX = {"r4": (4, ["q_proj", "v_proj"]), "r8": (8, ALL_PROJECTIONS),
 NEW = 24
 
 
-def run(device, dtype, adapters, monkeypatch=None, backend=None, stagger=False):
+def run(device, dtype, adapters, monkeypatch=None, backend=None, stagger=False,
+        cuda_graphs=False, engines=None):
     """Greedy tokens and per-step logits of one mixed batch, per request in submit order.
     stagger: half the requests start 3 steps late with 24-token prompts, so those steps
     prefill a long chunk beside decode rows (continuous batching: on CUDA the decode rows'
@@ -30,10 +31,12 @@ def run(device, dtype, adapters, monkeypatch=None, backend=None, stagger=False):
     # weights drawn on the CPU (a CUDA generator draws other numbers for the same seed)
     loaded = load_model("random:tiny", "cpu", torch.float32)
     loaded.model = loaded.model.to(device, dtype)
-    # eager on both sides: this compares the SGMV kernels with the torch backend; graph
+    # eager by default: this compares the SGMV kernels with the torch backend; graph
     # replay against eager is tests/engine/test_cuda_graphs.py
     e = Engine(EngineConfig(model="random:tiny", device=device, kv_cache_gb=0.05,
-                            max_adapters_on_gpu=4, cuda_graphs=False), loaded=loaded)
+                            max_adapters_on_gpu=4, cuda_graphs=cuda_graphs), loaded=loaded)
+    if engines is not None:
+        engines.append(e)
     for name, path in adapters.items():
         e.register_adapter(name, path)
     e.runner.capture = captured = []
@@ -115,6 +118,21 @@ def test_paged_prefill_kernel_matches_reference_attention_bf16(moderate_adapters
     ref = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
     monkeypatch.setattr(llama, "MIXED_STEP_PAGED_PREFILL", True)
     test = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
+    agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
+
+
+def test_mixed_step_graphs_match_eager_steps_bf16(moderate_adapters, monkeypatch):
+    """engine/mixed_graphs.MIXED_GRAPHS: steps that prefill beside decode rows replayed from
+    captured graphs (padded buckets, paged Triton attention, the pair LoRA kernels) give the
+    eager steps' logits within bf16's noise; both runs replay decode-only steps."""
+    from punica_core.engine import mixed_graphs
+    monkeypatch.setattr(mixed_graphs, "MIXED_GRAPHS", False)
+    ref = run("cuda", torch.bfloat16, moderate_adapters, stagger=True, cuda_graphs=True)
+    monkeypatch.setattr(mixed_graphs, "MIXED_GRAPHS", True)
+    engines = []
+    test = run("cuda", torch.bfloat16, moderate_adapters, stagger=True, cuda_graphs=True,
+               engines=engines)
+    assert engines[0].runner.mixed_graphs.captured      # the prefill steps did replay
     agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
 
 
