@@ -40,6 +40,7 @@ from benchmarks.common import (ALL_PROJECTIONS, GIB, adapter_bytes, check_device
                                renamed, run_requests, sync, warm_up, write_json)
 from punica_core import Engine  # noqa: E402
 from punica_core.adapters import pinned_memory  # noqa: E402
+from punica_core.engine import mixed_graphs  # noqa: E402
 from punica_core.model import lora as lora_model  # noqa: E402
 from punica_core.model.kv_cache import KVCache  # noqa: E402
 from punica_core.ops.backend import cuda_ops  # noqa: E402
@@ -290,6 +291,9 @@ def main(argv=None):
                     help="EngineConfig.adapter_loader_workers in the zipf case")
     ap.add_argument("--gil-switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the run (default: Python's, 5 ms)")
+    ap.add_argument("--mixed-graphs", choices=("on", "off"), default=None,
+                    help="engine/mixed_graphs.MIXED_GRAPHS: steps that prefill beside decode "
+                         "rows replayed from CUDA graphs (experimental); default: the engine's")
     ap.add_argument("--pinned-cuda-host-alloc", action="store_true",
                     help="the host cache's pinned memory from cudaHostAlloc (torch's default) "
                          "instead of malloc + cudaHostRegister (the store's)")
@@ -330,6 +334,8 @@ def main(argv=None):
         sys.setswitchinterval(args.gil_switch_interval_ms / 1e3)
     if args.pinned_cuda_host_alloc:
         pinned_memory.REGISTER_HOST_MEMORY = False
+    if args.mixed_graphs:
+        mixed_graphs.MIXED_GRAPHS = args.mixed_graphs == "on"
     if args.lora_overlap != "auto":
         common["lora_overlap"] = args.lora_overlap == "on"
     if args.overlap_kernel:
@@ -341,6 +347,7 @@ def main(argv=None):
     out["engine_config"] = config_dict(engine)
     out["python_switch_interval_ms"] = sys.getswitchinterval() * 1e3
     out["adapter_device_stacking"] = engine.store.device_stacking
+    out["mixed_graphs"] = mixed_graphs.MIXED_GRAPHS
     out["host_cache_pinned_memory"] = "malloc + cudaHostRegister" \
         if engine.store.registered_host_memory else "cudaHostAlloc"
     out["lora_overlap"] = engine.runner.lora_overlap      # what the engine resolved

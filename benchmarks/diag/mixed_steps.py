@@ -28,6 +28,7 @@ from benchmarks.common import (check_device, default_adapter_dir, engine_config,
                                ensure_adapters, log, model_shape, random_prompts,
                                register_all, run_requests, warm_up, write_json)
 from punica_core import Engine  # noqa: E402
+from punica_core.engine import mixed_graphs  # noqa: E402
 from punica_core.model import llama  # noqa: E402
 
 
@@ -46,10 +47,15 @@ def main(argv=None) -> None:
     ap.add_argument("--paged-prefill", choices=("on", "off"), default=None,
                     help="llama.MIXED_STEP_PAGED_PREFILL (the paged Triton prefill kernel in "
                          "eager steps); default: the model's")
+    ap.add_argument("--mixed-graphs", choices=("on", "off"), default=None,
+                    help="engine/mixed_graphs.MIXED_GRAPHS (steps that prefill replayed from "
+                         "CUDA graphs); default: the engine's")
     ap.add_argument("--out", default="/tmp/mixed_steps.json")
     args = ap.parse_args(argv)
     if args.paged_prefill:
         llama.MIXED_STEP_PAGED_PREFILL = args.paged_prefill == "on"
+    if args.mixed_graphs:
+        mixed_graphs.MIXED_GRAPHS = args.mixed_graphs == "on"
     device = check_device(args.device)
     cfg = model_shape(args.model)
     rng = random.Random(0)
@@ -69,6 +75,7 @@ def main(argv=None) -> None:
     prompts = random_prompts(cfg, args.requests, args.prompt_len, rng)
     out = {"model": args.model, "batch": args.batch, "requests": args.requests,
            "paged_prefill": engine.model.uses_paged_prefill(),
+           "mixed_graphs": mixed_graphs.MIXED_GRAPHS,
            "max_tokens_per_step": budget, "first_pass": run_requests(engine, prompts, adapters,
                                                                      counts)}
     log("first pass", json.dumps(out["first_pass"]))
