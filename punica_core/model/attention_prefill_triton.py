@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention_triton import _HAVE_TRITON, _pow2, triton, tl
+from .attention_triton import _HAVE_TRITON, _pow2, paged_inputs, triton, tl
 
 __all__ = ["paged_prefill_attention"]
 
@@ -113,20 +113,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if not _HAVE_TRITON:
         raise RuntimeError("paged_prefill_attention needs triton (pip install triton)")
     T, H, D = q.shape
-    slots, KVH, Dk = k_cache.shape
-    assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
-    assert H % KVH == 0, f"{H} heads not a multiple of {KVH} kv heads"
-    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache must be contiguous"
+    KVH = k_cache.shape[1]
     C = chunk_starts.shape[0]
-    assert chunk_lens.shape == first_pos.shape == (C,) and block_tables.dim() == 2 \
-        and block_tables.shape[0] == C, (chunk_lens.shape, first_pos.shape, block_tables.shape)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
-    if out is None:
-        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    assert out.shape == (T, H, D) and out.dtype == q.dtype and out.stride(-1) == 1
+    assert chunk_lens.shape == first_pos.shape == (C,), (chunk_lens.shape, first_pos.shape, C)
+    q, block_tables, out = paged_inputs(q, k_cache, v_cache, block_tables, C, out)
     if C == 0 or max_chunk_rows <= 0:
         return out
     block_d = _pow2(max(D, 16))

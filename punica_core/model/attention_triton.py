@@ -165,6 +165,29 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, table_rows: int, out: torch.Tensor | None):
+    """The paged kernels' shared checks: q [rows, heads, D], one layer's caches [slots,
+    kv_heads, D] (contiguous, heads a multiple of kv_heads), block_tables [table_rows, blocks].
+    Returns q and block_tables with unit inner strides, and out ([rows, heads, D] in q's
+    dtype: the one given, checked, or a new one)."""
+    T, H, D = q.shape
+    assert k_cache.shape[2] == D and v_cache.shape == k_cache.shape, \
+        (q.shape, k_cache.shape, v_cache.shape)
+    assert H % k_cache.shape[1] == 0, f"{H} heads not a multiple of {k_cache.shape[1]} kv heads"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache must be contiguous"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == table_rows, \
+        (block_tables.shape, table_rows)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    assert out.shape == (T, H, D) and out.dtype == q.dtype and out.stride(-1) == 1
+    return q, block_tables, out
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            block_size: int, scale: float, out: torch.Tensor | None = None, *,
@@ -184,19 +207,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not _HAVE_TRITON:
         raise RuntimeError("paged_decode_attention needs triton (pip install triton)")
     B, H, D = q.shape
-    slots, KVH, Dk = k_cache.shape
-    assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
-    assert H % KVH == 0, f"{H} heads not a multiple of {KVH} kv heads"
-    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache must be contiguous"
-    assert block_tables.dim() == 2 and block_tables.shape[0] == B and context_lens.shape == (B,)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
+    KVH = k_cache.shape[1]
+    assert context_lens.shape == (B,), (context_lens.shape, B)
+    q, block_tables, out = paged_inputs(q, k_cache, v_cache, block_tables, B, out)
     context_lens = context_lens.contiguous()
-    if out is None:
-        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    assert out.shape == (B, H, D) and out.dtype == q.dtype and out.stride(-1) == 1
     if B == 0:
         return out
 

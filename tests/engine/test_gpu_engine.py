@@ -55,6 +55,15 @@ def run(device, dtype, adapters, monkeypatch=None, backend=None, stagger=False,
     return outputs_with_logits(reqs, captured)
 
 
+def off_then_on(monkeypatch, module, flag: str, adapters, **kw):
+    """run() in bf16 with staggered requests, module.flag off (the reference), then on."""
+    out = []
+    for value in (False, True):
+        monkeypatch.setattr(module, flag, value)
+        out.append(run("cuda", torch.bfloat16, adapters, stagger=True, **kw))
+    return out
+
+
 def agree(ref, test, rel_tol, tie_tol):
     assert all(len(ids) == NEW for ids, _ in ref + test)
     assert_logits_agree(ref, test, rel_tol, tie_tol)
@@ -102,11 +111,8 @@ def test_prefill_beside_decode_rows_paged_attention_matches_reference_bf16(moder
     """Eager bf16 steps run their decode rows' attention in the paged Triton kernel; the
     reference (gather + SDPA) gives the same logits within bf16's noise."""
     from punica_core.model import llama
-    monkeypatch.setattr(llama, "MIXED_STEP_PAGED_DECODE", False)
-    ref = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
-    monkeypatch.setattr(llama, "MIXED_STEP_PAGED_DECODE", True)
-    test = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
-    agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
+    agree(*off_then_on(monkeypatch, llama, "MIXED_STEP_PAGED_DECODE", moderate_adapters),
+          rel_tol=5e-2, tie_tol=0.25)
 
 
 def test_paged_prefill_kernel_matches_reference_attention_bf16(moderate_adapters, monkeypatch):
@@ -114,11 +120,8 @@ def test_paged_prefill_kernel_matches_reference_attention_bf16(moderate_adapters
     in the paged Triton kernels; the same logits within bf16's noise as the reference
     attention's gather + SDPA per chunk, with prompts prefilled beside running requests."""
     from punica_core.model import llama
-    monkeypatch.setattr(llama, "MIXED_STEP_PAGED_PREFILL", False)
-    ref = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
-    monkeypatch.setattr(llama, "MIXED_STEP_PAGED_PREFILL", True)
-    test = run("cuda", torch.bfloat16, moderate_adapters, stagger=True)
-    agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
+    agree(*off_then_on(monkeypatch, llama, "MIXED_STEP_PAGED_PREFILL", moderate_adapters),
+          rel_tol=5e-2, tie_tol=0.25)
 
 
 def test_mixed_step_graphs_match_eager_steps_bf16(moderate_adapters, monkeypatch):
@@ -126,13 +129,11 @@ def test_mixed_step_graphs_match_eager_steps_bf16(moderate_adapters, monkeypatch
     captured graphs (padded buckets, paged Triton attention, the pair LoRA kernels) give the
     eager steps' logits within bf16's noise; both runs replay decode-only steps."""
     from punica_core.engine import mixed_graphs
-    monkeypatch.setattr(mixed_graphs, "MIXED_GRAPHS", False)
-    ref = run("cuda", torch.bfloat16, moderate_adapters, stagger=True, cuda_graphs=True)
-    monkeypatch.setattr(mixed_graphs, "MIXED_GRAPHS", True)
     engines = []
-    test = run("cuda", torch.bfloat16, moderate_adapters, stagger=True, cuda_graphs=True,
-               engines=engines)
-    assert engines[0].runner.mixed_graphs.captured      # the prefill steps did replay
+    ref, test = off_then_on(monkeypatch, mixed_graphs, "MIXED_GRAPHS", moderate_adapters,
+                            cuda_graphs=True, engines=engines)
+    assert not engines[0].runner.mixed_graphs.captured
+    assert engines[1].runner.mixed_graphs.captured      # the prefill steps did replay
     agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
 
 
