@@ -1,7 +1,7 @@
 """Diagnostic: the paged Triton prefill attention (model/attention_prefill_triton.py) against
 the torch reference (gather + SDPA per chunk, model/attention.py) for one layer of Llama-2-7B
 or 13B heads, by chunk length and number of chunks, with and without earlier context, and
-their logits-free difference. Writes JSON.
+how far apart their outputs are. Writes JSON.
 
     python benchmarks/diag/prefill_attention.py --out /tmp/prefill_attention.json
 
