@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import check_device, log, write_json  # noqa: E402
+from benchmarks.common import _time_ms, check_device, log, write_json  # noqa: E402
 from punica_core.engine.layout import ScheduledChunk, build_layout  # noqa: E402
 from punica_core.model.attention import paged_attention_ref  # noqa: E402
 from punica_core.model.attention_prefill_triton import paged_prefill_attention  # noqa: E402
@@ -47,18 +48,8 @@ def case(chunks: list[tuple[int, int]], H: int, KVH: int, D: int, bs: int, dtype
 
 
 def timed(fn, reps: int) -> float:
-    """Median ms of fn over reps, after two untimed calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median CUDA-event ms of fn over reps (common._time_ms: after one warm-up)."""
+    return statistics.median(_time_ms(fn, "cuda", reps))
 
 
 def main(argv=None) -> None:

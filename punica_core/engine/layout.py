@@ -120,8 +120,7 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device,
         # the reference gathers through them (a few ops for all rows, not a few per row)
         width = max(decode_ctx)
         blocks = -(-width // block_size)
-        table = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks]))
-                              for t in decode_tables], dtype=torch.long)      # [Bd, blocks]
+        table = torch.tensor(_padded(decode_tables, blocks), dtype=torch.long)  # [Bd, blocks]
         ctx = torch.tensor(decode_ctx, dtype=torch.long)
         p = torch.arange(width)
         kv_index = table[:, p // block_size] * block_size + p % block_size   # [Bd, width]
@@ -157,9 +156,14 @@ def _prefill_tables(prefills: list[tuple[int, int, list[int], int]], block_size:
     blocks = max(-(-(fp + e - s) // block_size) for s, e, _, fp in prefills)
     meta = [[s for s, _, _, _ in prefills], [e - s for s, e, _, _ in prefills],
             [fp for _, _, _, fp in prefills]]
-    rows = [t[:blocks] + [0] * (blocks - len(t[:blocks])) for _, _, t, _ in prefills]
+    rows = _padded([t for _, _, t, _ in prefills], blocks)
     flat = torch.tensor([x for m in meta for x in m] + [x for r in rows for x in r],
                         dtype=torch.int32).to(device)
     C = len(prefills)
     return PrefillTables(flat[:C], flat[C:2 * C], flat[2 * C:3 * C],
                          flat[3 * C:].view(C, blocks), max(meta[1]))
+
+
+def _padded(tables: list[list[int]], blocks: int) -> list[list[int]]:
+    """Each block table cut or padded with block 0 to `blocks` entries."""
+    return [t[:blocks] + [0] * (blocks - len(t[:blocks])) for t in tables]

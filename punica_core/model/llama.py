@@ -94,17 +94,13 @@ class LlamaModel:
         """Every row's attention from the paged kernels: the prefill chunks in one launch,
         the decode rows in the paged decode kernel."""
         from .attention_prefill_triton import paged_prefill_attention
-        from .attention_triton import paged_decode_attention
         pt = layout.prefill_tables
         out = paged_prefill_attention(q, kv.k[layer], kv.v[layer], pt.starts, pt.lens,
                                       pt.first_pos, pt.block_tables, kv.block_size, self.scale,
                                       max_chunk_rows=pt.max_rows)
         if layout.decode_rows.numel():
             rows = layout.decode_rows
-            out[rows] = paged_decode_attention(q[rows], kv.k[layer], kv.v[layer],
-                                               layout.decode_block_tables,
-                                               layout.decode_context_lens, kv.block_size,
-                                               self.scale)
+            out[rows] = self._decode_kernel(kv, layer, layout)(q[rows])
         return out
 
     def _paged_decode(self, q, kv: KVCache, layer: int, layout: BatchLayout):
@@ -113,9 +109,13 @@ class LlamaModel:
         if layout.decode_block_tables is None or not MIXED_STEP_PAGED_DECODE \
                 or q.dtype == torch.float32:
             return None
-        from .attention_triton import paged_decode_attention, triton_available
-        if not triton_available():
-            return None
+        from .attention_triton import triton_available
+        return self._decode_kernel(kv, layer, layout) if triton_available() else None
+
+    def _decode_kernel(self, kv: KVCache, layer: int, layout: BatchLayout):
+        """The decode rows' attention ([Bd, heads, D] -> same) by the paged Triton kernel on
+        the layout's decode block tables."""
+        from .attention_triton import paged_decode_attention
         return lambda qd: paged_decode_attention(qd, kv.k[layer], kv.v[layer],
                                                  layout.decode_block_tables,
                                                  layout.decode_context_lens, kv.block_size,
