@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="adapter slots on the device; others wait in host memory (default 8)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run every step eagerly instead of replaying captured CUDA "
-                        "graphs for decode steps (slower; for debugging)")
+                        "graphs (slower; for debugging)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="queue bound; beyond it requests are refused with 'busy' (default 256)")
     p.add_argument("--no-upload", action="store_true",

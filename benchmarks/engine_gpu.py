@@ -293,7 +293,7 @@ def main(argv=None):
                     help="sys.setswitchinterval for the run (default: Python's, 5 ms)")
     ap.add_argument("--mixed-graphs", choices=("on", "off"), default=None,
                     help="engine/mixed_graphs.MIXED_GRAPHS: steps that prefill beside decode "
-                         "rows replayed from CUDA graphs (experimental); default: the engine's")
+                         "rows replayed from CUDA graphs; default: the engine's (on)")
     ap.add_argument("--pinned-cuda-host-alloc", action="store_true",
                     help="the host cache's pinned memory from cudaHostAlloc (torch's default) "
                          "instead of malloc + cudaHostRegister (the store's)")

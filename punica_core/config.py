@@ -25,8 +25,9 @@ class EngineConfig:
     max_adapters_on_gpu: int = 8    # adapter slots on the device
     max_lora_rank: int = 64
     enable_lora: bool = True        # False: no adapter slots, adapters refused (base model only)
-    cuda_graphs: bool = True        # decode steps on CUDA replay captured graphs (see
-                                    # engine/cuda_graphs.py); False: every step runs eagerly
+    cuda_graphs: bool = True        # steps on CUDA replay captured graphs (decode:
+                                    # engine/cuda_graphs.py, steps that prefill:
+                                    # engine/mixed_graphs.py); False: every step runs eagerly
     lora_overlap: bool | None = None    # each projection site's LoRA on a second stream beside
                                     # its base projection, into a delta buffer the next op adds
                                     # (model/lora.py); None: on for CUDA (measured faster:

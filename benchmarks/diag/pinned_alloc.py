@@ -1,7 +1,8 @@
 """Where a cold adapter parse's time goes on a CUDA host: allocating fresh pinned memory
 (torch.empty(pin_memory=True) -> cudaHostAlloc, or malloc + cudaHostRegister with --register)
 against reusing it, alone and from several threads at once, how much a thread's kernel
-launches stall meanwhile, and a 7B adapter's parse into fresh and reused pinned memory.
+launches stall meanwhile, and a 7B adapter's parse (host stacking) and raw read (device
+stacking) into fresh and reused pinned memory, the raw read also from four threads at once.
 Run from the repository root with PYTHONPATH=. ; writes JSON."""
 from __future__ import annotations
 
@@ -81,14 +82,33 @@ def parse_times(count: int) -> dict:
     folder = write_random_adapter(cfg, tempfile.mkdtemp() + "/a", 16)
     store = AdapterStore(cfg, 16, pin_memory=True, dtype=torch.bfloat16)
     out = {}
-    for label in ("fresh", "reused"):
-        kept, times = [], []
-        for _ in range(count):
+    for raw in (False, True):       # parsed on the host | read for device stacking
+        prefix = "raw_read_" if raw else ""
+        for label in ("fresh", "reused"):
+            kept, times = [], []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                kept.append(store._parse("a", str(folder), raw=raw))
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[f"{prefix}{label}_ms"] = times
+            del kept
+        empty_host_cache()
+    # the raw read as the loader workers do it: 4 threads at once, fresh pinned memory
+    kept, each = [], []
+
+    def reads():
+        for _ in range(count // 4):
             t0 = time.perf_counter()
-            kept.append(store._parse("a", str(folder)))
-            times.append((time.perf_counter() - t0) * 1e3)
-        out[f"{label}_ms"] = times
-        del kept
+            kept.append(store._parse("a", str(folder), raw=True))
+            each.append((time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=reads) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out["raw_read_four_threads_fresh_ms_each"] = each
+    out["raw_read_four_threads_wall_s"] = time.perf_counter() - t0
     return out
 
 

@@ -9,7 +9,11 @@ tensor-core pair, as eager steps with long segments use), attention from the pag
 kernels reading device metadata. Padding rows write their K/V into the KV cache's scratch slot,
 belong to no chunk and no segment, and are never sampled; padding chunks have no rows.
 
-Experimental: off unless MIXED_GRAPHS is on (not yet run on a GPU).
+On the H200 a 7B step that prefills 128 rows beside 31 decode rows went from 78 ms to 23 ms
+and continuous batching from 1505 to 2655 tokens/s
+(benchmarks/results/diag/mixed_steps_h200_7b_graphs_{off,on}.json). Graphs are captured on a
+bucket's first use (~0.1-0.2 s each). EngineConfig.cuda_graphs=False (--enforce-eager) runs
+every step eagerly; tests switch MIXED_GRAPHS off for the reference.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from ..model.lora import PAIR_PATH, LoraContext
 from .cuda_graphs import capture_graph
 from .layout import BatchLayout, PrefillTables, ScheduledChunk
 
-MIXED_GRAPHS = False
+MIXED_GRAPHS = True
 ROW_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

@@ -21,7 +21,7 @@ class ModelRunner:
         self.model, self.kv, self.pool = model, kv, pool
         self.lora_overlap = lora_overlap
         self.graphs = graphs    # decode steps replay CUDA graphs when they fit
-        self.mixed_graphs = mixed_graphs    # and steps that prefill (experimental, off)
+        self.mixed_graphs = mixed_graphs    # and steps that prefill
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
 
     def prepare(self, batch: ScheduledBatch) -> BatchLayout:
