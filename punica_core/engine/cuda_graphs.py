@@ -159,6 +159,18 @@ class DecodeGraphs:
         self._contexts[(b, with_lora)] = lora
         return graph, logits
 
+    def capture_all(self) -> int:
+        """Captures every bucket not captured yet (with and without LoRA where it can run),
+        over padding inputs; returns how many. For a server's start: a bucket's first use
+        otherwise pays its capture inside a step."""
+        keys = [(b, lora) for b in self.buckets for lora in (False, True)
+                if (b, lora) not in self._graphs and (self.lora_ok or not lora)]
+        if keys:
+            self._write_inputs([])
+        for key in keys:
+            self._capture(*key)
+        return len(keys)
+
     @property
     def captured(self) -> list[tuple[int, bool]]:
         return sorted(self._graphs)

@@ -75,6 +75,17 @@ class Engine:
         self._lock = threading.Lock()
         self.on_new_work = lambda: None         # the EngineLoop wakes itself through this
 
+    def capture_graphs(self) -> tuple[int, float]:
+        """Captures every CUDA graph bucket now (decode steps, and steps that prefill), so
+        that no later step pays a capture (~0.1-0.2 s each on 7B); returns (graphs captured,
+        seconds). Call before the engine serves (not while its loop steps). A no-op off CUDA
+        or with cuda_graphs=False."""
+        t0 = time.perf_counter()
+        n = self.runner.capture_graphs()
+        if n:
+            torch.cuda.synchronize(self.model.device)
+        return n, time.perf_counter() - t0
+
     @property
     def name(self) -> str:
         return self.loaded.name

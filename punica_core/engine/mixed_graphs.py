@@ -33,6 +33,10 @@ ROW_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def mixed_graphs_on() -> bool:
+    return MIXED_GRAPHS
+
+
 def _bucket(n: int, buckets) -> int:
     return next(b for b in buckets if b >= n)
 
@@ -176,6 +180,18 @@ class MixedGraphs:
         self._graphs[(rows, chunks, with_lora)] = (graph, logits)
         self._contexts[(rows, chunks, with_lora)] = lora
         return graph, logits
+
+    def capture_all(self) -> int:
+        """Captures every (row bucket, chunk bucket, LoRA) not captured yet over padding
+        inputs (rows that write the scratch slot, chunks without rows); returns how many."""
+        keys = [(r, c, lora) for r in self.row_buckets for c in self.chunk_buckets
+                for lora in (False, True)
+                if c <= r and (r, c, lora) not in self._graphs and (self.lora_ok or not lora)]
+        if keys:
+            self.write_inputs([])
+        for key in keys:
+            self._capture(*key)
+        return len(keys)
 
     @property
     def captured(self) -> list[tuple[int, int, bool]]:

@@ -9,7 +9,7 @@ from ..model.llama import LlamaModel
 from ..model.lora import LoraContext
 from .cuda_graphs import DecodeGraphs
 from .layout import BatchLayout, build_layout
-from .mixed_graphs import MixedGraphs
+from .mixed_graphs import MixedGraphs, mixed_graphs_on
 from .sampling import sample
 from .scheduler import ScheduledBatch
 
@@ -23,6 +23,13 @@ class ModelRunner:
         self.graphs = graphs    # decode steps replay CUDA graphs when they fit
         self.mixed_graphs = mixed_graphs    # and steps that prefill
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
+
+    def capture_graphs(self) -> int:
+        """Captures every CUDA graph bucket now (see Engine.capture_graphs); how many."""
+        n = self.graphs.capture_all() if self.graphs is not None else 0
+        if self.mixed_graphs is not None and mixed_graphs_on():
+            n += self.mixed_graphs.capture_all()
+        return n
 
     def prepare(self, batch: ScheduledBatch) -> BatchLayout:
         return build_layout(batch.chunks, self.kv.block_size, self.model.device,

@@ -19,7 +19,7 @@ NEW = 24
 
 
 def run(device, dtype, adapters, monkeypatch=None, backend=None, stagger=False,
-        cuda_graphs=False, engines=None):
+        cuda_graphs=False, engines=None, capture_first=False):
     """Greedy tokens and per-step logits of one mixed batch, per request in submit order.
     stagger: half the requests start 3 steps late with 24-token prompts, so those steps
     prefill a long chunk beside decode rows (continuous batching: on CUDA the decode rows'
@@ -39,6 +39,8 @@ def run(device, dtype, adapters, monkeypatch=None, backend=None, stagger=False,
         engines.append(e)
     for name, path in adapters.items():
         e.register_adapter(name, path)
+    if capture_first:
+        e.capture_graphs()
     e.runner.capture = captured = []
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
     names = [*adapters, None]
@@ -135,6 +137,27 @@ def test_mixed_step_graphs_match_eager_steps_bf16(moderate_adapters, monkeypatch
     assert not engines[0].runner.mixed_graphs.captured
     assert engines[1].runner.mixed_graphs.captured      # the prefill steps did replay
     agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
+
+
+def test_graphs_captured_up_front_match_graphs_captured_on_first_use(moderate_adapters):
+    """Engine.capture_graphs captures every bucket over padding inputs before serving: no step
+    captures afterwards, and the tokens and logits are those of graphs captured lazily over a
+    real step's inputs."""
+    engines = []
+    lazy = run("cuda", torch.bfloat16, moderate_adapters, stagger=True, cuda_graphs=True,
+               engines=engines)
+    first = run("cuda", torch.bfloat16, moderate_adapters, stagger=True, cuda_graphs=True,
+                engines=engines, capture_first=True)
+    lazy_e, first_e = engines
+    decode, mixed = first_e.runner.graphs, first_e.runner.mixed_graphs
+    assert len(decode.captured) == 2 * len(decode.buckets)
+    assert len(mixed.captured) == 2 * sum(c <= r for r in mixed.row_buckets
+                                          for c in mixed.chunk_buckets)
+    assert set(lazy_e.runner.graphs.captured) < set(decode.captured)
+    assert set(lazy_e.runner.mixed_graphs.captured) < set(mixed.captured)
+    assert first_e.capture_graphs()[0] == 0         # nothing left to capture
+    assert [ids for ids, _ in first] == [ids for ids, _ in lazy]
+    agree(lazy, first, rel_tol=1e-3, tie_tol=1e-3)
 
 
 def test_prefill_beside_decode_rows_fp32_matches_cpu(adapters):
