@@ -84,7 +84,17 @@ class Engine:
         n = self.runner.capture_graphs()
         if n:
             torch.cuda.synchronize(self.model.device)
+            log.info("captured %d CUDA graphs in %.1f s", n, time.perf_counter() - t0)
         return n, time.perf_counter() - t0
+
+    def capture_graphs_or_log(self) -> None:
+        """capture_graphs for a loop thread's start: a failure (say, out of memory) is logged
+        and leaves the rest to be captured on first use, as without it."""
+        try:
+            self.capture_graphs()
+        except Exception:  # noqa: BLE001 - serving goes on without the up-front captures
+            log.exception("capturing CUDA graphs up front failed; they are captured on "
+                          "first use")
 
     @property
     def name(self) -> str:
