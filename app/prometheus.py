@@ -107,6 +107,9 @@ class EngineExporter(Collector):
         yield counter("prefill_tokens", "Prompt tokens computed (recomputation included)",
                       counters.get("prefill_tokens", 0))
         yield counter("steps", "Engine steps that ran a batch", counters.get("steps", 0))
+        yield counter("idle_waiting_seconds", "Seconds with requests queued and none runnable "
+                      "(their adapters loading, no free slot or KV memory)",
+                      counters.get("idle_waiting_s", 0))
 
         slots = status["slots"]
         yield gauge("queue_depth", "Requests waiting to be scheduled", status["waiting"])

@@ -209,6 +209,7 @@ def run_requests(engine, prompts, adapters, new_tokens, timeout_s: float = 600.0
     counts = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
     device = engine.model.device
     steps_before = engine.metrics.counters["steps"]
+    counters_before = dict(engine.metrics.counters)
     sync(device)
     t0 = time.perf_counter()
     reqs = [engine.add_request(None, SamplingParams(max_tokens=n, temperature=0,
@@ -239,6 +240,9 @@ def run_requests(engine, prompts, adapters, new_tokens, timeout_s: float = 600.0
             "prefill_step_ms_p50": pct(prefill, 50), "prefill_step_ms_max": max(prefill, default=None),
             "prefill_steps_s": sum(prefill) / 1e3,
             "outside_steps_s": dt - (sum(decode) + sum(prefill)) / 1e3,
+            # ... of which scheduling (with the slot loads it issues) and nothing runnable
+            **{f"outside_{k}": engine.metrics.counters[k] - counters_before.get(k, 0)
+               for k in ("schedule_s", "idle_waiting_s")},
             "distinct_adapters": len({a for a in adapters if a})}
 
 

@@ -209,11 +209,17 @@ class Engine:
     # -- the loop body -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs = self._take_inbox()
+        t_sched = time.perf_counter()
         batch = self.scheduler.schedule()
+        # where time outside the forward goes (benchmarks split it): scheduling, which issues
+        # slot loads, and waiting with nothing runnable
+        self.metrics.count("schedule_s", time.perf_counter() - t_sched)
         outputs += [self._fail(req, why) for req, why in batch.failed]
         if batch.empty:
             if self.scheduler.waiting:
+                t_idle = time.perf_counter()
                 time.sleep(0.001)   # adapters loading; do not spin the CPU
+                self.metrics.count("idle_waiting_s", time.perf_counter() - t_idle)
             return outputs
         t0 = time.perf_counter()
         try:

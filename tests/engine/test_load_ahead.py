@@ -90,3 +90,24 @@ def test_adapters_deeper_in_the_queue_are_read_into_the_host_cache_ahead(make_en
     assert cached == [True, True, True, True, False], cached
     run_to_completion(e)
     assert all(len(r.output_ids) == 24 for r in [first, *reqs])
+
+
+def test_time_with_nothing_runnable_is_counted(make_engine, parity_adapters, monkeypatch):
+    """A request whose adapter is read in the background (lazy) waits with nothing else to
+    run: the engine counts that time (idle_waiting_s, on /metrics) apart from scheduling."""
+    import time
+    e = make_engine()
+    e.register_adapter("lazy", parity_adapters["r8_all"], lazy=True)
+    parse = e.store._parse
+
+    def slow_parse(*a, **kw):
+        time.sleep(0.3)
+        return parse(*a, **kw)
+    monkeypatch.setattr(e.store, "_parse", slow_parse)
+    req = e.add_request("Hi.", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                        "lazy")
+    run_to_completion(e)
+    assert len(req.output_ids) == 2
+    counters = e.metrics.counters
+    assert 0.25 <= counters["idle_waiting_s"] < 5
+    assert 0 < counters["schedule_s"] < counters["idle_waiting_s"]
