@@ -101,15 +101,20 @@ def parse_times(count: int) -> dict:
             t0 = time.perf_counter()
             kept.append(store._parse("a", str(folder), raw=True))
             each.append((time.perf_counter() - t0) * 1e3)
+    out["raw_read_four_threads_wall_s"] = in_four_threads(reads)
+    out["raw_read_four_threads_fresh_ms_each"] = each
+    return out
+
+
+def in_four_threads(fn) -> float:
+    """Runs fn on four threads at once; seconds until all are done."""
     t0 = time.perf_counter()
-    ts = [threading.Thread(target=reads) for _ in range(4)]
+    ts = [threading.Thread(target=fn) for _ in range(4)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    out["raw_read_four_threads_fresh_ms_each"] = each
-    out["raw_read_four_threads_wall_s"] = time.perf_counter() - t0
-    return out
+    return time.perf_counter() - t0
 
 
 def main():
@@ -138,14 +143,8 @@ def main():
     def allocs():
         results.setdefault("in_threads", []).append(fresh_pinned(n, args.count // 4) * 1e3)
     empty_host_cache()
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=allocs) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    out["four_threads_wall_s"] = in_four_threads(allocs)
     out["four_threads_fresh_pinned_ms_each"] = results["in_threads"]
-    out["four_threads_wall_s"] = time.perf_counter() - t0
     out["launch_alone"] = launch_stall(None)
     empty_host_cache()
     out["launch_beside_4_pinning_threads"] = launch_stall(

@@ -180,7 +180,9 @@ if _HAVE_TRITON:
 
         slot = tl.load(SLOTS + t).to(tl.int64)      # int64: a layer's cache can pass 2**31
         j = hh - NUM_HEADS                          # kv head (negative, masked, for q heads)
-        km = (is_k & (slot >= 0))[:, None] & d_ok[None, :]   # a negative slot writes nothing
+        # a negative slot writes nothing (compared per head: a scalar mask is refused by
+        # newer Triton interpreters)
+        km = (is_k & ((hh * 0 + slot) >= 0))[:, None] & d_ok[None, :]
         kdst = KC + slot * stride_kc + j[:, None] * stride_kch + d[None, :]
         tl.store(kdst, o1, mask=km)
         tl.store(kdst + HALF, o2, mask=km)
