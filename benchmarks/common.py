@@ -211,7 +211,7 @@ def run_requests(engine, prompts, adapters, new_tokens, timeout_s: float = 600.0
     steps_before = engine.metrics.counters["steps"]
     counters_before = dict(engine.metrics.counters)
     sync(device)
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     reqs = [engine.add_request(None, SamplingParams(max_tokens=n, temperature=0,
                                                     ignore_eos=True),
                                a, prompt_ids=p, enforce_queue_limit=False)
@@ -243,7 +243,23 @@ def run_requests(engine, prompts, adapters, new_tokens, timeout_s: float = 600.0
             # ... of which scheduling (with the slot loads it issues) and nothing runnable
             **{f"outside_{k}": engine.metrics.counters[k] - counters_before.get(k, 0)
                for k in ("schedule_s", "idle_waiting_s")},
+            "gaps_between_steps": step_gaps(steps, wall0),
             "distinct_adapters": len({a for a in adapters if a})}
+
+
+def step_gaps(steps, wall0: float, longest: int = 8) -> dict:
+    """When the engine was not in a step: the wait before the first step, the gaps of 5 ms or
+    more (their count and total), and the longest few with the running batch and queue depth
+    of the step before them (t_s: seconds after the requests were submitted)."""
+    if not steps:
+        return {}
+    gaps = [{"t_s": a.time - wall0, "gap_s": (b.time - b.duration_s) - a.time,
+             "running_before": a.running, "queue_depth_before": a.queue_depth}
+            for a, b in zip(steps, steps[1:])]
+    big = [g for g in gaps if g["gap_s"] >= 0.005]
+    return {"before_first_step_s": steps[0].time - steps[0].duration_s - wall0,
+            "gaps_5ms_or_more": len(big), "gaps_5ms_or_more_s": sum(g["gap_s"] for g in big),
+            "longest": sorted(big, key=lambda g: -g["gap_s"])[:longest]}
 
 
 def warm_up(engine, cfg, batch: int, adapter: str | None, rng) -> None:
