@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (ALL_PROJECTIONS, GIB, adapter_bytes, check_device,  # noqa: E402
                                config_dict, copy_bandwidth, default_adapter_dir,
                                engine_config, ensure_adapters, environment, has_config_field,
-                               log, model_shape, random_prompts, register_all,
+                               log, model_shape, pct, random_prompts, register_all,
                                renamed, run_requests, sync, warm_up, write_json)
 from punica_core import Engine  # noqa: E402
 from punica_core.adapters import pinned_memory  # noqa: E402
@@ -222,10 +222,15 @@ def many_round(args, cfg, build, files, working, file_of, prompts, adapters, cou
                 time.sleep(0.01)
             log(f"many: working set of {len(working)} parsed into the host cache in "
                 f"{time.perf_counter() - t0:.1f}s")
+        reads_before, slot_loads_before = len(e.store.read_times), len(e.pool.load_times)
         parses, parse_s = e.store.parses, e.store.parse_seconds
         loads, evictions = e.pool.loads, e.pool.evictions
         cold = sum(1 for a in working if not e.store.is_cached(a))
+        t_run = time.perf_counter()
         out[label] = run_requests(e, prompts, adapters, counts)
+        out[label]["load_timeline"] = load_timeline(
+            list(e.store.read_times)[reads_before:], list(e.pool.load_times)[slot_loads_before:],
+            t_run)
         out[label].update(loads=e.pool.loads - loads, evictions=e.pool.evictions - evictions,
                           host_cache_adapters=host_cache,
                           adapters_not_in_host_cache_at_start=cold,
@@ -235,6 +240,21 @@ def many_round(args, cfg, build, files, working, file_of, prompts, adapters, cou
         free(e)
         del e
     return out
+
+
+def load_timeline(reads, slot_loads, t0: float) -> dict:
+    """Background reads (queued, started, done) and slot loads (issued, seen ready) during a
+    run: how long reads queued and took, when the last was done, and how long slot loads
+    took to be seen ready (t0: the run's start)."""
+    def stats(xs):
+        xs = sorted(xs)
+        return {"n": len(xs), "p50_ms": pct(xs, 50) * 1e3, "max_ms": xs[-1] * 1e3} if xs \
+            else {"n": 0}
+    return {"read_queued": stats([s - q for q, s, _ in reads]),
+            "read_took": stats([d - s for _, s, d in reads]),
+            "reads_done_by_s": sorted(d - t0 for _, _, d in reads)[-1:] or None,
+            "reads_done_in_first_s": sum(1 for _, _, d in reads if d - t0 < 1.0),
+            "slot_load_to_ready": stats([r - i for i, r in slot_loads if i])}
 
 
 ROUND_RATIOS = {   # name: (mix, its anchor, field)

@@ -5,7 +5,8 @@ slot becomes ready when its copy has finished, so the decode loop never waits fo
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,9 @@ class SlotPool:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.evictions = 0
         self.loads = 0
+        # slot loads: (issued, first seen ready) perf_counter times, the latest 4096
+        self.load_times: deque[tuple[float, float]] = deque(maxlen=4096)
+        self._issued: dict[int, float] = {}
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +73,7 @@ class SlotPool:
             if not event.query():
                 return False
             del self._pending[slot]
+            self.load_times.append((self._issued.pop(slot, 0.0), time.perf_counter()))
         flag = self._checks.pop(slot, None)
         if flag is not None and not bool(flag):     # the copy is done: no wait to read it
             return self._verify(slot)
@@ -120,6 +125,7 @@ class SlotPool:
         self._name_of[slot] = adapter.name
         self._slot_of[adapter.name] = slot
         self._lru[slot] = None
+        t_issue = time.perf_counter()
         if self._stream is not None:
             # wait for the compute stream's last use of this slot before overwriting it
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -128,6 +134,7 @@ class SlotPool:
                 event = torch.cuda.Event()
                 event.record(self._stream)
             self._pending[slot] = event
+            self._issued[slot] = t_issue
         else:
             self._copy(slot, adapter)
         self.loads += 1
@@ -199,6 +206,7 @@ class SlotPool:
             del self._slot_of[name]
         self._name_of[slot] = None
         self._pending.pop(slot, None)
+        self._issued.pop(slot, None)
         self._checks.pop(slot, None)
         self._where.pop(slot, None)
         for w in self.weights.values():

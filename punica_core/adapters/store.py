@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,8 @@ class AdapterStore:
         self._lock = threading.Lock()
         self.parses = 0                 # adapters read and parsed from their sources so far
         self.parse_seconds = 0.0
+        # background reads: (queued, started, done) perf_counter times, the latest 4096
+        self.read_times: deque[tuple[float, float, float]] = deque(maxlen=4096)
         # a few workers read adapters in parallel (a parse is mostly reads and torch copies);
         # how many pay off beside a busy engine loop is measured by engine_gpu.py
         # --loader-workers (EngineConfig.adapter_loader_workers)
@@ -155,9 +157,11 @@ class AdapterStore:
                 return      # the cache could not hold more: reading them would evict others
             source = self._sources[name]
             self._errors.pop(name, None)
-            self._loading[name] = self._pool.submit(self._load_in_background, name, source)
+            self._loading[name] = self._pool.submit(self._load_in_background, name, source,
+                                                    time.perf_counter())
 
-    def _load_in_background(self, name: str, source) -> None:
+    def _load_in_background(self, name: str, source, queued: float = 0.0) -> None:
+        started = time.perf_counter()
         try:
             adapter = self._parse(name, source, raw=self.device_stacking)
             with self._lock:
@@ -171,6 +175,7 @@ class AdapterStore:
         finally:
             with self._lock:
                 self._loading.pop(name, None)
+                self.read_times.append((queued, started, time.perf_counter()))
 
     def _parse(self, name, source, raw: bool = False) -> LoraAdapter:
         if source is None:

@@ -167,3 +167,16 @@ def test_unaligned_tensors_in_the_file_stack_the_same(tmp_path):
     for p in parsed.weights:
         assert same_bits(parsed.weights[p].a[s1], stacked.weights[p].a[s2]), p
         assert same_bits(parsed.weights[p].b[s1], stacked.weights[p].b[s2]), p
+
+
+@pytest.mark.cuda
+def test_slot_loads_record_when_they_were_issued_and_seen_ready(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    make_adapter(tmp_path / "a", torch.bfloat16)
+    pool = SlotPool(CFG, 2, 16, torch.bfloat16, "cuda")
+    slot = pool.load(read_raw_adapter("a", tmp_path / "a", CFG, 16))
+    torch.cuda.synchronize()
+    assert pool.is_ready(slot)
+    (issued, ready), = pool.load_times
+    assert 0 < issued <= ready

@@ -32,6 +32,9 @@ def test_lazy_adapter_is_not_read_until_used_and_then_matches_eager(make_engine,
     run_to_completion(e)
     assert e.store.parses == parses + 1 and e.store.is_cached("lazy")
     assert got.output_ids == want.output_ids
+    # the background read's timeline (benchmarks report it): queued <= started <= done
+    (queued, started, done), = e.store.read_times
+    assert 0 < queued <= started <= done
 
 
 def _copy(src, dst):
