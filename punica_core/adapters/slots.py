@@ -166,23 +166,26 @@ class SlotPool:
         raw = adapter.raw
         blob = Blob(raw.blob.to(self.device, non_blocking=True))
         refs = tensor_refs(raw.header, raw.data_start)
-        sums = []
+        stacked = []
         for p, w in self.weights.items():
             items = raw.per_proj.get(p)
             r = adapter.rank_of(p)
+            a, b = w.a[slot], w.b[slot]
             if items:
-                stack_into(w.a[slot], w.b[slot], [(layer, refs[ka], refs[kb], scale)
-                                                  for layer, ka, kb, _, scale in items], blob)
-                sums += [w.a[slot, :, :r].sum(dtype=torch.float32),
-                         w.b[slot, :, :r].sum(dtype=torch.float32)]
+                stack_into(a, b, [(layer, refs[ka], refs[kb], scale)
+                                  for layer, ka, kb, _, scale in items], blob)
+                stacked += [a, b]       # rows past rank r are zeros: they change no norm
             else:
-                w.a[slot].zero_()
-                w.b[slot].zero_()
+                a.zero_()
+                b.zero_()
             w.ranks_list[slot] = r
             w.ranks[slot].fill_(r)      # see _copy
-        # a NaN or inf makes its sum NaN or inf; finite values only by overflow (which the
-        # exact check in _verify then lets pass)
-        finite = torch.isfinite(torch.stack(sums)).all() if sums else torch.ones((), dtype=bool)
+        # a NaN or inf makes its norm NaN or inf; finite values only by overflow (which the
+        # exact check in _verify then lets pass). One multi-tensor call for all of them, not
+        # a sum per tensor: every torch call here holds the engine's thread (a 7B load: 460 ->
+        # 279 aten ops, 23 -> 12.5 ms on a 2-core CPU; ~4 ms on the H200 host before)
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(stacked))).all() if stacked \
+            else torch.ones((), dtype=bool, device=self.device)
         flag = torch.empty((), dtype=torch.bool, pin_memory=self.device.type == "cuda")
         flag.copy_(finite, non_blocking=True)
         self._checks[slot] = flag

@@ -64,30 +64,40 @@ def test_every_layer_one_rank_stacks_from_file_order_the_same(tmp_path, file_dty
         assert not ws.a[s2, :, 8:].any() and not ws.b[s2, :, 8:].any()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_fails_the_slot_load_naming_the_layer(tmp_path, bad):
+def test_nan_fails_the_slot_load_naming_the_layer(tmp_path, bad, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     tensors = make_adapter(tmp_path / "a", torch.bfloat16)
     tensors[key(4, "v_proj", "B")][3, 1] = bad
     from safetensors.torch import save_file
     save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
-    pool = SlotPool(CFG, 1, 16, torch.bfloat16, "cpu")
+    pool = SlotPool(CFG, 1, 16, torch.bfloat16, device)
     failures = []
     pool.on_failure = lambda name, msg: failures.append((name, msg))
     slot = pool.load(read_raw_adapter("a", tmp_path / "a", CFG, 16))
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert not pool.is_ready(slot)
     assert failures and failures[0][0] == "a" and "layer 4 v_proj" in failures[0][1] \
         and "NaN or inf" in failures[0][1]
     assert pool.lookup("a") is None and pool.snapshot()["resident"] == []
 
 
-def test_overflowing_sum_of_finite_weights_still_loads(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_overflowing_norm_of_finite_weights_still_loads(tmp_path, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     tensors = make_adapter(tmp_path / "a", torch.float32)
     tensors[key(0, "q_proj", "A")][:, :4] = 3e38        # finite; their fp32 sum is inf
     from safetensors.torch import save_file
     save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
-    pool = SlotPool(CFG, 1, 16, torch.float32, "cpu")
+    pool = SlotPool(CFG, 1, 16, torch.float32, device)
     pool.on_failure = lambda name, msg: pytest.fail(msg)
     slot = pool.load(read_raw_adapter("a", tmp_path / "a", CFG, 16))
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert pool.is_ready(slot) and pool.weights["q_proj"].a[slot, 0, 0, 0] == 3e38
 
 
