@@ -9,11 +9,12 @@ tensor-core pair, as eager steps with long segments use), attention from the pag
 kernels reading device metadata. Padding rows write their K/V into the KV cache's scratch slot,
 belong to no chunk and no segment, and are never sampled; padding chunks have no rows.
 
-On the H200 a 7B step that prefills 128 rows beside 31 decode rows went from 78 ms to 23 ms
-and continuous batching from 1505 to 2655 tokens/s
-(benchmarks/results/diag/mixed_steps_h200_7b_graphs_{off,on}.json). Graphs are captured on a
-bucket's first use (~0.1-0.2 s each). EngineConfig.cuda_graphs=False (--enforce-eager) runs
-every step eagerly; tests switch MIXED_GRAPHS off for the reference.
+On the H200 a 7B step that prefills 128 rows beside 31 decode rows went from 52-78 ms to 20-21
+ms (median, two passes) and continuous batching from 1505-1818 to 2655-2856 tokens/s
+(benchmarks/results/diag/mixed_steps_h200_7b_graphs_{off,on}.json). A bucket's graph is
+captured on its first use, or with all the others by capture_all (Engine.capture_graphs: the
+serving loops call it at start). EngineConfig.cuda_graphs=False (--enforce-eager) runs every
+step eagerly; tests switch MIXED_GRAPHS off for the reference.
 """
 from __future__ import annotations
 
@@ -31,10 +32,6 @@ from .layout import BatchLayout, PrefillTables, ScheduledChunk
 MIXED_GRAPHS = True
 ROW_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def mixed_graphs_on() -> bool:
-    return MIXED_GRAPHS
 
 
 def _bucket(n: int, buckets) -> int:
@@ -183,7 +180,10 @@ class MixedGraphs:
 
     def capture_all(self) -> int:
         """Captures every (row bucket, chunk bucket, LoRA) not captured yet over padding
-        inputs (rows that write the scratch slot, chunks without rows); returns how many."""
+        inputs (rows that write the scratch slot, chunks without rows); returns how many
+        (none while MIXED_GRAPHS is off: no step would replay them)."""
+        if not MIXED_GRAPHS:
+            return 0
         keys = [(r, c, lora) for r in self.row_buckets for c in self.chunk_buckets
                 for lora in (False, True)
                 if c <= r and (r, c, lora) not in self._graphs and (self.lora_ok or not lora)]

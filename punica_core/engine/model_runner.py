@@ -9,7 +9,7 @@ from ..model.llama import LlamaModel
 from ..model.lora import LoraContext
 from .cuda_graphs import DecodeGraphs
 from .layout import BatchLayout, build_layout
-from .mixed_graphs import MixedGraphs, mixed_graphs_on
+from .mixed_graphs import MixedGraphs
 from .sampling import sample
 from .scheduler import ScheduledBatch
 
@@ -27,7 +27,7 @@ class ModelRunner:
     def capture_graphs(self) -> int:
         """Captures every CUDA graph bucket now (see Engine.capture_graphs); how many."""
         n = self.graphs.capture_all() if self.graphs is not None else 0
-        if self.mixed_graphs is not None and mixed_graphs_on():
+        if self.mixed_graphs is not None:
             n += self.mixed_graphs.capture_all()
         return n
 
