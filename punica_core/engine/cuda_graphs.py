@@ -35,7 +35,11 @@ def capture_graph(fn, pool=None, warmup: int = 1):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: other threads go on meanwhile (the adapter loaders pin host memory, a user
+    # registers an adapter while the loop captures at start); under torch's default "global"
+    # a CUDA call of theirs during the capture may be refused and break it. Only the engine's
+    # thread launches work on the device, so nothing of theirs can join the capture.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 

@@ -89,3 +89,39 @@ def test_graphs_are_off_without_cuda_graphs_flag_or_with_lora_off(adapters):
                                                   ignore_eos=True))
     run_to_completion(e)
     assert len(out.output_ids) == 8 and e.runner.graphs.captured == [(1, False)]
+
+
+def test_capture_while_another_thread_pins_memory_and_registers_adapters(adapters):
+    """The loop captures its graphs while other threads go on: adapter loaders pin host
+    memory, a user registers adapters. Neither the captures nor their calls may fail."""
+    import threading
+    loaded = load_model("random:tiny", "cpu", torch.float32)
+    loaded.model = loaded.model.to("cuda", torch.bfloat16)
+    e = Engine(EngineConfig(model="random:tiny", device="cuda", kv_cache_gb=0.05,
+                            max_adapters_on_gpu=4, max_batch=16), loaded=loaded)
+    stop, errors, pinned = threading.Event(), [], []
+
+    def busy():
+        try:
+            i = 0
+            while not stop.is_set():
+                pinned.append(torch.empty(1 << (20 + i % 4), dtype=torch.uint8,
+                                          pin_memory=True).fill_(1))
+                for name, path in adapters.items():
+                    e.register_adapter(f"{name}-{i}", path)
+                i += 1
+        except Exception as err:   # noqa: BLE001 - the assertion below reports it
+            errors.append(err)
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        n, _ = e.capture_graphs()
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and pinned and n > 0
+    # the graphs captured beside the thread serve as usual
+    req = e.add_request([5, 17, 99], SamplingParams(max_tokens=6, temperature=0,
+                                                    ignore_eos=True), "r8-0")
+    run_to_completion(e)
+    assert req.finish_reason == "length" and len(req.output_ids) == 6
