@@ -231,6 +231,7 @@ class SlotPool:
         return {"slots": self.num_slots,
                 "resident": [n for n in self._name_of if n is not None],
                 "in_use": {self._name_of[s]: r for s, r in enumerate(self._refs) if r},
-                "loading": [self._name_of[s] for s in list(self._pending)
-                            if not self.is_ready(s)],
+                # read-only: other threads (status panels) call this beside the engine's
+                "loading": [self._name_of[s] for s, event in list(self._pending.items())
+                            if event is not None and not event.query()],
                 "evictions": self.evictions, "loads": self.loads}

@@ -73,6 +73,9 @@ class Engine:
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
+        # the scheduler's and slot pool's state belongs to the thread that steps; another
+        # thread changes it (unregister_adapter) only between steps, under this lock
+        self._step_lock = threading.RLock()
         self.on_new_work = lambda: None         # the EngineLoop wakes itself through this
 
     def capture_graphs(self) -> tuple[int, float]:
@@ -126,14 +129,15 @@ class Engine:
         """Refused while a running or waiting request uses the adapter."""
         if name not in self.store:
             raise UnknownAdapterError(f"unknown adapter {name!r}")
-        with self._lock:
-            users = sum(1 for r in self._requests.values() if r.adapter == name) + \
-                sum(1 for r in self._inbox if r.adapter == name)
-        if users:
-            raise AdapterInUseError(f"adapter {name!r} is in use by {users} request(s); "
-                                    "try again when they finish")
-        self.pool.evict(name)
-        self.store.unregister(name)
+        with self._step_lock:       # a step running on the loop's thread finishes first
+            with self._lock:
+                users = sum(1 for r in self._requests.values() if r.adapter == name) + \
+                    sum(1 for r in self._inbox if r.adapter == name)
+            if users:
+                raise AdapterInUseError(f"adapter {name!r} is in use by {users} request(s); "
+                                        "try again when they finish")
+            self.pool.evict(name)
+            self.store.unregister(name)
 
     def adapter_location(self, name: str) -> str:
         slot = self.pool.lookup(name)
@@ -208,6 +212,18 @@ class Engine:
 
     # -- the loop body -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        with self._step_lock:
+            outputs, batch = self._schedule()
+            if batch is not None:
+                return outputs + self._run(batch)
+        if self.scheduler.waiting:
+            t_idle = time.perf_counter()
+            time.sleep(0.001)       # adapters loading; do not spin the CPU
+            self.metrics.count("idle_waiting_s", time.perf_counter() - t_idle)
+        return outputs
+
+    def _schedule(self) -> tuple[list[RequestOutput], ScheduledBatch | None]:
+        """New requests and aborts taken in, the next batch scheduled (None if empty)."""
         outputs = self._take_inbox()
         t_sched = time.perf_counter()
         batch = self.scheduler.schedule()
@@ -215,19 +231,17 @@ class Engine:
         # slot loads, and waiting with nothing runnable
         self.metrics.count("schedule_s", time.perf_counter() - t_sched)
         outputs += [self._fail(req, why) for req, why in batch.failed]
-        if batch.empty:
-            if self.scheduler.waiting:
-                t_idle = time.perf_counter()
-                time.sleep(0.001)   # adapters loading; do not spin the CPU
-                self.metrics.count("idle_waiting_s", time.perf_counter() - t_idle)
-            return outputs
+        return outputs, None if batch.empty else batch
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """The batch's forward, sampling and post-processing."""
         t0 = time.perf_counter()
         try:
             tokens = self.runner.run(batch)
         except Exception as e:  # noqa: BLE001 - a failed forward fails this batch, not the loop
             log.exception("step failed")
-            return outputs + [self._fail(r, f"engine error: {e}") for r in batch.requests]
-        outputs += self._postprocess(batch, tokens)
+            return [self._fail(r, f"engine error: {e}") for r in batch.requests]
+        outputs = self._postprocess(batch, tokens)
         self._record(batch, time.perf_counter() - t0, sum(t is not None for t in tokens))
         return outputs
 

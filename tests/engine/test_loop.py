@@ -35,3 +35,75 @@ def test_loop_captures_graphs_before_its_first_step_and_survives_a_failed_captur
     assert events[0] == ("capture", "punica-engine")
     assert events[1] == ("step", "punica-engine")
     assert events.count(("capture", "punica-engine")) == 1
+
+
+def test_adapters_unregistered_from_another_thread_while_the_loop_serves(make_engine,
+                                                                         parity_adapters,
+                                                                         caplog):
+    """Unregistering (and registering again) an adapter from another thread while the loop
+    steps other requests and loads slots: the slot pool changes only between steps, no step
+    raises, every stream finishes, and the adapter's last registration serves."""
+    e = make_engine(max_adapters_on_gpu=2, max_batch=4)
+    names = ("r4_qv", "r8_all", "r64_attn")
+    for name in names:
+        e.register_adapter(name, parity_adapters[name])
+    loop = EngineLoop(e).start()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    reqs = []
+    try:
+        for i in range(12):
+            # requests for the two other adapters keep the two slots loading and evicting
+            reqs += [e.add_request(f"Say {i}.", params, names[1 + i % 2])]
+            r = e.add_request("Hi.", params, "r4_qv")
+            for _ in range(3000):
+                if r.finish_reason is not None:
+                    break
+                threading.Event().wait(0.005)
+            reqs.append(r)
+            e.unregister_adapter("r4_qv")           # on this thread, beside the loop
+            e.register_adapter("r4_qv", parity_adapters["r4_qv"])
+        for _ in range(3000):
+            if all(q.finish_reason is not None for q in reqs):
+                break
+            threading.Event().wait(0.01)
+    finally:
+        loop.stop()
+    assert [q.finish_reason for q in reqs] == ["length"] * len(reqs), \
+        [q.error for q in reqs if q.error]
+    assert "engine step raised" not in caplog.text
+    assert e.pool.snapshot()["in_use"] == {}
+
+
+def test_unregister_waits_for_the_running_step(make_engine, parity_adapters, monkeypatch):
+    """unregister_adapter changes the slot pool only between steps: called while a step runs
+    on the loop's thread, it returns after that step."""
+    e = make_engine()
+    e.register_adapter("idle", parity_adapters["r8_all"])
+    in_step, release = threading.Event(), threading.Event()
+    run = e.runner.run
+
+    def slow_run(batch):
+        in_step.set()
+        release.wait(10)
+        return run(batch)
+    monkeypatch.setattr(e.runner, "run", slow_run)
+    loop = EngineLoop(e).start()
+    try:
+        req = e.add_request("Hi.", SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                            None)
+        assert in_step.wait(10)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (e.unregister_adapter("idle"), done.set()))
+        t.start()
+        assert not done.wait(0.3)           # the step is still running
+        release.set()
+        assert done.wait(10)
+        t.join()
+        for _ in range(1000):
+            if req.finish_reason is not None:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        release.set()
+        loop.stop()
+    assert req.finish_reason == "length" and "idle" not in e.store
