@@ -6,6 +6,15 @@ from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.engine.loop import EngineLoop
 
 
+def wait_finished(*reqs, timeout_s: float = 30.0) -> None:
+    """Until every request has finished (the loop's thread serves them)."""
+    done = threading.Event()
+    for _ in range(int(timeout_s / 0.01)):
+        if all(r.finish_reason is not None for r in reqs):
+            return
+        done.wait(0.01)
+
+
 def test_loop_captures_graphs_before_its_first_step_and_survives_a_failed_capture(monkeypatch):
     engine = Engine(EngineConfig(model="random:tiny", device="cpu", kv_cache_gb=0.01))
     events = []
@@ -25,10 +34,7 @@ def test_loop_captures_graphs_before_its_first_step_and_survives_a_failed_captur
                                                        temperature=0))
     loop.start()
     try:
-        for _ in range(3000):
-            if req.finish_reason is not None:
-                break
-            threading.Event().wait(0.01)
+        wait_finished(req)
     finally:
         loop.stop()
     assert req.finish_reason == "length" and len(req.output_ids) == 3
@@ -55,17 +61,11 @@ def test_adapters_unregistered_from_another_thread_while_the_loop_serves(make_en
             # requests for the two other adapters keep the two slots loading and evicting
             reqs += [e.add_request(f"Say {i}.", params, names[1 + i % 2])]
             r = e.add_request("Hi.", params, "r4_qv")
-            for _ in range(3000):
-                if r.finish_reason is not None:
-                    break
-                threading.Event().wait(0.005)
+            wait_finished(r)
             reqs.append(r)
             e.unregister_adapter("r4_qv")           # on this thread, beside the loop
             e.register_adapter("r4_qv", parity_adapters["r4_qv"])
-        for _ in range(3000):
-            if all(q.finish_reason is not None for q in reqs):
-                break
-            threading.Event().wait(0.01)
+        wait_finished(*reqs)
     finally:
         loop.stop()
     assert [q.finish_reason for q in reqs] == ["length"] * len(reqs), \
@@ -99,10 +99,7 @@ def test_unregister_waits_for_the_running_step(make_engine, parity_adapters, mon
         release.set()
         assert done.wait(10)
         t.join()
-        for _ in range(1000):
-            if req.finish_reason is not None:
-                break
-            threading.Event().wait(0.01)
+        wait_finished(req)
     finally:
         release.set()
         loop.stop()
