@@ -101,6 +101,21 @@ def test_overflowing_norm_of_finite_weights_still_loads(tmp_path, device):
     assert pool.is_ready(slot) and pool.weights["q_proj"].a[slot, 0, 0, 0] == 3e38
 
 
+def test_large_finite_fp16_weights_load_without_the_exact_check(tmp_path, monkeypatch):
+    """The quick finiteness test is taken in float32: fp16 weights whose norm passes fp16's
+    range (65504) are not sent to the slow per-layer check."""
+    tensors = make_adapter(tmp_path / "a", torch.float16)
+    tensors[key(0, "q_proj", "A")][:, :2] = 60000.0       # finite; their fp16 norm is inf
+    from safetensors.torch import save_file
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    pool = SlotPool(CFG, 1, 16, torch.float16, "cpu")
+    checked = []
+    monkeypatch.setattr(pool, "_verify", lambda slot: checked.append(slot) or True)
+    slot = pool.load(read_raw_adapter("a", tmp_path / "a", CFG, 16))
+    assert pool.is_ready(slot) and checked == []
+    assert pool.weights["q_proj"].a[slot, 0, 0, 0] == 60000.0
+
+
 def test_engine_with_device_stacking_serves_the_same_tokens(make_engine, parity_adapters):
     """Lazily registered adapters (read in the background as file bytes, stacked at slot
     load) give the greedy tokens of host-parsed ones, with fewer slots than adapters."""
