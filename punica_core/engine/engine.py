@@ -73,9 +73,9 @@ class Engine:
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
-        # the scheduler's and slot pool's state belongs to the thread that steps; another
-        # thread changes it (unregister_adapter) only between steps, under this lock
-        self._step_lock = threading.RLock()
+        # adapters unregistered from other threads: the stepping thread, which owns the slot
+        # pool, frees their slots at its next step
+        self._unloaded: list[str] = []
         self.on_new_work = lambda: None         # the EngineLoop wakes itself through this
 
     def capture_graphs(self) -> tuple[int, float]:
@@ -128,18 +128,19 @@ class Engine:
         return self.store.register(name, source, lazy=lazy)
 
     def unregister_adapter(self, name: str) -> None:
-        """Refused while a running or waiting request uses the adapter."""
+        """Refused while a running or waiting request uses the adapter. Thread-safe: the name
+        is gone at once; its slot is freed by the stepping thread at its next step."""
         if name not in self.store:
             raise UnknownAdapterError(f"unknown adapter {name!r}")
-        with self._step_lock:       # a step running on the loop's thread finishes first
-            with self._lock:
-                users = sum(1 for r in self._requests.values() if r.adapter == name) + \
-                    sum(1 for r in self._inbox if r.adapter == name)
+        with self._lock:    # every request is in _inbox or _requests while this is held
+            users = sum(1 for r in list(self._requests.values()) if r.adapter == name) + \
+                sum(1 for r in self._inbox if r.adapter == name)
             if users:
                 raise AdapterInUseError(f"adapter {name!r} is in use by {users} request(s); "
                                         "try again when they finish")
-            self.pool.evict(name)
-            self.store.unregister(name)
+            self.store.unregister(name)     # new requests naming it are refused from now on
+            self._unloaded.append(name)     # its slot is freed at the next step
+        self.on_new_work()
 
     def adapter_location(self, name: str) -> str:
         slot = self.pool.lookup(name)
@@ -210,14 +211,14 @@ class Engine:
         self.on_new_work()
 
     def has_work(self) -> bool:
-        return bool(self._inbox or self._aborts or self.scheduler.num_unfinished)
+        return bool(self._inbox or self._aborts or self._unloaded
+                    or self.scheduler.num_unfinished)
 
     # -- the loop body -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        with self._step_lock:
-            outputs, batch = self._schedule()
-            if batch is not None:
-                return outputs + self._run(batch)
+        outputs, batch = self._schedule()
+        if batch is not None:
+            return outputs + self._run(batch)
         if self.scheduler.waiting:
             t_idle = time.perf_counter()
             time.sleep(0.001)       # adapters loading; do not spin the CPU
@@ -248,12 +249,17 @@ class Engine:
         return outputs
 
     def _take_inbox(self) -> list[RequestOutput]:
-        """Queues new requests and finishes aborted ones (their blocks are freed now)."""
+        """Frees the slots of adapters unregistered since the last step, queues new requests
+        and finishes aborted ones (their blocks are freed now)."""
         with self._lock:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
+            unloaded, self._unloaded = self._unloaded, []
+            for req in new:         # under the lock: unregister_adapter counts them
+                self._requests[req.id] = req
+        for name in unloaded:       # before new requests: a name registered again must not
+            self._evict_unloaded(name)  # find the old weights in a slot
         for req in new:
-            self._requests[req.id] = req
             self.scheduler.add(req)
         outputs = []
         for rid in aborts:
@@ -262,6 +268,14 @@ class Engine:
                 req.finish_reason = "abort"
                 outputs.append(self._finish(req))
         return outputs
+
+    def _evict_unloaded(self, name: str) -> None:
+        if self.pool.lookup(name) is None:
+            return
+        if self.pool.in_use(name):      # cannot happen: unregister counted no users
+            log.error("adapter %r was unregistered while in use; its slot is kept", name)
+            return
+        self.pool.evict(name)
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None]) -> list:
         outputs = []

@@ -1,7 +1,9 @@
 """EngineLoop: graphs are captured on the loop's thread before its first step, and a failed
-capture leaves the loop serving."""
+capture leaves the loop serving; adapters unregistered from other threads leave the slot pool
+to the stepping thread, and a name registered again never serves the old weights."""
 import threading
 
+from helpers import run_to_completion
 from punica_core import Engine, EngineConfig, SamplingParams
 from punica_core.engine.loop import EngineLoop
 
@@ -74,11 +76,16 @@ def test_adapters_unregistered_from_another_thread_while_the_loop_serves(make_en
     assert e.pool.snapshot()["in_use"] == {}
 
 
-def test_unregister_waits_for_the_running_step(make_engine, parity_adapters, monkeypatch):
-    """unregister_adapter changes the slot pool only between steps: called while a step runs
-    on the loop's thread, it returns after that step."""
+def test_unregister_leaves_the_slot_pool_to_the_stepping_thread(make_engine, parity_adapters,
+                                                                monkeypatch):
+    """unregister_adapter from another thread while a step runs: the name is gone at once,
+    the slot pool is not touched until the loop's next step, which frees the slot."""
     e = make_engine()
-    e.register_adapter("idle", parity_adapters["r8_all"])
+    e.register_adapter("done", parity_adapters["r8_all"])
+    first = e.add_request("Hi.", SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                          "done")
+    run_to_completion(e)
+    assert first.finish_reason == "length" and e.pool.lookup("done") is not None
     in_step, release = threading.Event(), threading.Event()
     run = e.runner.run
 
@@ -89,18 +96,39 @@ def test_unregister_waits_for_the_running_step(make_engine, parity_adapters, mon
     monkeypatch.setattr(e.runner, "run", slow_run)
     loop = EngineLoop(e).start()
     try:
-        req = e.add_request("Hi.", SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+        req = e.add_request("Hi.", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                             None)
         assert in_step.wait(10)
-        done = threading.Event()
-        t = threading.Thread(target=lambda: (e.unregister_adapter("idle"), done.set()))
-        t.start()
-        assert not done.wait(0.3)           # the step is still running
+        e.unregister_adapter("done")        # returns while the step runs
+        assert "done" not in e.store
+        assert e.pool.lookup("done") is not None    # the running step's pool, untouched
         release.set()
-        assert done.wait(10)
-        t.join()
         wait_finished(req)
+        for _ in range(1000):
+            if e.pool.lookup("done") is None:
+                break
+            threading.Event().wait(0.01)
     finally:
         release.set()
         loop.stop()
-    assert req.finish_reason == "length" and "idle" not in e.store
+    assert req.finish_reason == "length" and e.pool.lookup("done") is None
+
+
+def test_a_name_registered_again_serves_the_new_weights(make_engine, parity_adapters):
+    """Unregister "a", register other weights as "a", ask for "a" before any step ran: the
+    next step frees the old slot before it admits the request, so the new weights serve."""
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want_engine = make_engine()
+    want_engine.register_adapter("a", parity_adapters["r8_all"])
+    want = want_engine.add_request("The sky is", greedy, "a")
+    run_to_completion(want_engine)
+    e = make_engine()
+    e.register_adapter("a", parity_adapters["r4_qv"])
+    old = e.add_request("The sky is", greedy, "a")
+    run_to_completion(e)
+    assert old.output_ids != want.output_ids        # the two adapters differ here
+    e.unregister_adapter("a")
+    e.register_adapter("a", parity_adapters["r8_all"])
+    got = e.add_request("The sky is", greedy, "a")
+    run_to_completion(e)
+    assert got.output_ids == want.output_ids
