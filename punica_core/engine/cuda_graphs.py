@@ -44,6 +44,18 @@ def capture_graph(fn, pool=None, warmup: int = 1):
     return graph, out
 
 
+def capture_missing(keys, captured: dict, write_padding, capture) -> int:
+    """Captures each of keys not in captured yet (capture(*key)), over padding inputs that
+    write_padding() puts in the buffers once first; returns how many. Both graph classes'
+    capture_all."""
+    keys = [k for k in keys if k not in captured]
+    if keys:
+        write_padding()
+    for key in keys:
+        capture(*key)
+    return len(keys)
+
+
 def graphs_supported(model: LlamaModel) -> bool:
     """CUDA, and the Triton paged decode attention (the reference gathers data-dependent
     shapes and cannot be captured)."""
@@ -168,12 +180,9 @@ class DecodeGraphs:
         over padding inputs; returns how many. For a server's start: a bucket's first use
         otherwise pays its capture inside a step."""
         keys = [(b, lora) for b in self.buckets for lora in (False, True)
-                if (b, lora) not in self._graphs and (self.lora_ok or not lora)]
-        if keys:
-            self._write_inputs([])
-        for key in keys:
-            self._capture(*key)
-        return len(keys)
+                if self.lora_ok or not lora]
+        return capture_missing(keys, self._graphs, lambda: self._write_inputs([]),
+                               self._capture)
 
     @property
     def captured(self) -> list[tuple[int, bool]]:

@@ -26,7 +26,7 @@ from ..adapters.slots import SlotPool
 from ..model.kv_cache import KVCache
 from ..model.llama import LlamaModel
 from ..model.lora import PAIR_PATH, LoraContext
-from .cuda_graphs import capture_graph
+from .cuda_graphs import capture_graph, capture_missing
 from .layout import BatchLayout, PrefillTables, ScheduledChunk
 
 MIXED_GRAPHS = True
@@ -185,13 +185,9 @@ class MixedGraphs:
         if not MIXED_GRAPHS:
             return 0
         keys = [(r, c, lora) for r in self.row_buckets for c in self.chunk_buckets
-                for lora in (False, True)
-                if c <= r and (r, c, lora) not in self._graphs and (self.lora_ok or not lora)]
-        if keys:
-            self.write_inputs([])
-        for key in keys:
-            self._capture(*key)
-        return len(keys)
+                for lora in (False, True) if c <= r and (self.lora_ok or not lora)]
+        return capture_missing(keys, self._graphs, lambda: self.write_inputs([]),
+                               self._capture)
 
     @property
     def captured(self) -> list[tuple[int, int, bool]]:
