@@ -14,7 +14,7 @@ import torch
 from ..errors import AdapterError, AdapterInUseError
 from ..model.config import PROJECTIONS, ModelConfig
 from .peft import LoraAdapter
-from .stacking import Blob, check_finite, stack_into, tensor_refs
+from .stacking import Blob, DeviceOrders, check_finite, stack_into
 
 
 @dataclass
@@ -32,13 +32,28 @@ class SlotPool:
         self.projections = PROJECTIONS
         self.col_offsets = cfg.col_offsets
         self.weights: dict[str, ProjectionWeights] = {}
-        for p, (fan_in, fan_out) in cfg.proj_shapes.items():
+        cuda = self.device.type == "cuda"
+        # every projection's ranks in one tensor (row i: projection i), so that a load or an
+        # eviction sets a slot's ranks with one call: each torch call on the engine thread
+        # hands the GIL over, and waits for it while loader threads run Python
+        self._ranks = torch.zeros(len(cfg.proj_shapes), num_slots, dtype=torch.int32,
+                                  device=self.device)
+        self._rank_cols = [self._ranks[:, s] for s in range(num_slots)]
+        # a load's ranks go through this pinned row (written with numpy: no torch call),
+        # then one non-blocking copy; a slot's row is rewritten only by its next load
+        self._rank_rows = torch.zeros(num_slots, len(cfg.proj_shapes), dtype=torch.int32,
+                                      pin_memory=cuda)
+        self._rank_rows_np = self._rank_rows.numpy()
+        self._rank_row_views = [self._rank_rows[s] for s in range(num_slots)]
+        for i, (p, (fan_in, fan_out)) in enumerate(cfg.proj_shapes.items()):
             shape = (num_slots, cfg.num_layers, max_rank)
             self.weights[p] = ProjectionWeights(
                 a=torch.zeros(*shape, fan_in, dtype=dtype, device=self.device),
                 b=torch.zeros(*shape, fan_out, dtype=dtype, device=self.device),
-                ranks=torch.zeros(num_slots, dtype=torch.int32, device=self.device),
-                ranks_list=[0] * num_slots)
+                ranks=self._ranks[i], ranks_list=[0] * num_slots)
+        # each slot's (a, b) per projection, made once: indexing is a torch call too
+        self._slot_views = [[(w.a[s], w.b[s]) for w in self.weights.values()]
+                            for s in range(num_slots)]
         self._slot_of: dict[str, int] = {}
         self._name_of: list[str | None] = [None] * num_slots
         self._refs = [0] * num_slots
@@ -47,9 +62,15 @@ class SlotPool:
         # slots stacked on the device (adapter.raw): slot -> the "all finite" flag, read
         # once the copy is done; a failed check frees the slot and calls on_failure
         self._checks: dict[int, torch.Tensor] = {}
+        # made once, not per load: a pinned allocation on the engine thread waited behind the
+        # loader threads' fresh pinned allocations (the driver pins under one lock)
+        self._flags = torch.ones(num_slots, dtype=torch.bool, pin_memory=cuda)
+        self._flag_views = [self._flags[s] for s in range(num_slots)]
+        self._orders = DeviceOrders(self.device, cfg.num_layers)
         self._where: dict[int, str] = {}
         self.on_failure = None      # (name, message) -> None; the scheduler sets the store's
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        self._compute_done = torch.cuda.Event() if cuda else None     # reused by every load
         self.evictions = 0
         self.loads = 0
         # slot loads: (issued, first seen ready) perf_counter times, the latest 4096
@@ -128,7 +149,8 @@ class SlotPool:
         t_issue = time.perf_counter()
         if self._stream is not None:
             # wait for the compute stream's last use of this slot before overwriting it
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._compute_done.record(torch.cuda.current_stream(self.device))
+            self._stream.wait_event(self._compute_done)
             with torch.cuda.stream(self._stream):
                 self._copy(slot, adapter)
                 event = torch.cuda.Event()
@@ -164,22 +186,20 @@ class SlotPool:
         scaling at device bandwidth; the host only read the file) and checked for NaN / inf
         into a flag that is_ready reads once the copy is done."""
         raw = adapter.raw
-        blob = Blob(raw.blob.to(self.device, non_blocking=True))
-        refs = tensor_refs(raw.header, raw.data_start)
+        blob = Blob(raw.blob.to(self.device, non_blocking=True), self._orders)
         stacked = []
-        for p, w in self.weights.items():
-            items = raw.per_proj.get(p)
+        for i, ((p, w), (a, b)) in enumerate(zip(self.weights.items(), self._slot_views[slot])):
+            items = raw.items.get(p)
             r = adapter.rank_of(p)
-            a, b = w.a[slot], w.b[slot]
             if items:
-                stack_into(a, b, [(layer, refs[ka], refs[kb], scale)
-                                  for layer, ka, kb, _, scale in items], blob)
+                stack_into(a, b, items, blob)
                 stacked += [a, b]       # rows past rank r are zeros: they change no norm
             else:
                 a.zero_()
                 b.zero_()
             w.ranks_list[slot] = r
-            w.ranks[slot].fill_(r)      # see _copy
+            self._rank_rows_np[slot, i] = r
+        self._rank_cols[slot].copy_(self._rank_row_views[slot], non_blocking=True)
         # a NaN or inf makes its norm NaN or inf; finite values only by overflow (which the
         # exact check in _verify then lets pass). One multi-tensor call for all of them, not
         # a sum per tensor: every torch call here holds the engine's thread (a 7B load on a
@@ -190,7 +210,9 @@ class SlotPool:
             finite = torch.isfinite(torch.stack(norms)).all()
         else:
             finite = torch.ones((), dtype=bool, device=self.device)
-        flag = torch.empty((), dtype=torch.bool, pin_memory=self.device.type == "cuda")
+        # this slot's flag is written again only by its next load, queued after this one on
+        # the same stream, and read only once that load's event has completed
+        flag = self._flag_views[slot]
         flag.copy_(finite, non_blocking=True)
         self._checks[slot] = flag
         self._where[slot] = raw.where
@@ -218,7 +240,7 @@ class SlotPool:
         self._where.pop(slot, None)
         for w in self.weights.values():
             w.ranks_list[slot] = 0
-            w.ranks[slot].fill_(0)    # no host wait for the compute stream (see _copy)
+        self._rank_cols[slot].zero_()   # no host wait for the compute stream (see _copy)
 
     def evict(self, name: str) -> None:
         """Drops an adapter from the device; refused while a running request uses it."""

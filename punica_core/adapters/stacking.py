@@ -97,7 +97,7 @@ def _stack_file_run(A: torch.Tensor, B: torch.Tensor, run: list, blob: "Blob") -
         A[:, :r].copy_(torch.index_select(a, 0, order))     # a converting copy
     # gathering the transposed view makes the transpose part of the gather (CPU, 7B gate_proj
     # B: 1.7 ms with the contiguous mul after it, against 2.8 ms for a mul reading b.mT)
-    _scaled(torch.index_select(_run_view(blob, run, 2).mT, 0, order), scale,
+    _scaled(torch.index_select(_run_view(blob, run, 2, transposed=True), 0, order), scale,
             out=B if r == B.shape[1] else B[:, :r])
     if r < A.shape[1]:
         A[:, r:].zero_()
@@ -117,22 +117,21 @@ class Blob:
     call hands the GIL over, and beside a busy engine loop each hand-over waits up to Python's
     switch interval; the calls, not the copying, were most of a parse there."""
 
-    def __init__(self, data: torch.Tensor):
+    def __init__(self, data: torch.Tensor, orders: "DeviceOrders | None" = None):
         self.data = data
         self._typed: dict[torch.dtype, torch.Tensor] = {}
+        self._device_orders = orders        # the slot pool's, for blobs on its device
         self._orders: dict[tuple[int, ...], torch.Tensor] = {}
 
     def order(self, where: list[int]) -> torch.Tensor:
         """where as an index tensor on the bytes' device, made once per adapter (its
-        projections share one layer order); to the device by a non-blocking copy from pinned
-        memory."""
+        projections share one layer order), or once per device through orders."""
+        if self._device_orders is not None:
+            return self._device_orders.get(where)
         key = tuple(where)
         index = self._orders.get(key)
         if index is None:
-            index = torch.tensor(where)
-            if self.data.device.type != "cpu":
-                index = index.pin_memory().to(self.data.device, non_blocking=True)
-            self._orders[key] = index
+            index = self._orders[key] = torch.tensor(where, device=self.data.device)
         return index
 
     def typed(self, dtype: torch.dtype) -> torch.Tensor:
@@ -141,6 +140,34 @@ class Blob:
             n = self.data.numel() // dtype.itemsize * dtype.itemsize
             view = self._typed[dtype] = self.data[:n].view(dtype)
         return view
+
+
+class DeviceOrders:
+    """Layer-order index tensors on one device, each made once (adapters saved alike share
+    one) and staged through pinned rows allocated up front: a pinned allocation at slot-load
+    time waited up to 0.5 s behind the loader threads' fresh pinned reads (the driver pins
+    under one lock). A staging row is written once and never reused."""
+
+    def __init__(self, device: torch.device, num_layers: int, rows: int = 16):
+        self.device = torch.device(device)
+        self._staging = torch.empty(rows, num_layers, dtype=torch.int64,
+                                    pin_memory=self.device.type == "cuda")
+        self._staging_np = self._staging.numpy()
+        self._used = 0
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def get(self, where: list[int]) -> torch.Tensor:
+        key = tuple(where)
+        index = self._index.get(key)
+        if index is None:
+            if len(where) == self._staging.shape[1] and self._used < len(self._staging):
+                self._staging_np[self._used] = where       # numpy: no torch call
+                src = self._staging[self._used]
+                self._used += 1
+            else:       # more orders than rows (or another layer count): rare
+                src = torch.tensor(where, pin_memory=self.device.type == "cuda")
+            index = self._index[key] = src.to(self.device, non_blocking=True)
+        return index
 
 
 @dataclass(frozen=True)
@@ -212,19 +239,22 @@ def _extends(run: list, item, consecutive: bool = True) -> bool:
         and step[1] % b.itemsize == 0
 
 
-def _run_view(blob: "Blob", run: list, which: int) -> torch.Tensor:
+def _run_view(blob: "Blob", run: list, which: int, transposed: bool = False) -> torch.Tensor:
     """[layers of run, *shape]: the run's a (which=1) or b (2) tensors as one strided view of
-    blob (one torch call). It addresses only their bytes, which _check_header placed inside the
-    file."""
+    blob (one torch call), with the last two dims swapped if transposed. It addresses only
+    their bytes, which _check_header placed inside the file."""
     first = run[0][which]
     if first.offset % first.itemsize:       # unaligned: aligned copies, stacked
-        return torch.stack([t[which].view(blob.data) for t in run])
+        view = torch.stack([t[which].view(blob.data) for t in run])
+        return view.mT if transposed else view
     step = (run[1][which].offset - first.offset) // first.itemsize if len(run) > 1 \
         else first.numel
-    inner = [1]
+    shape, inner = list(first.shape), [1]
     for d in reversed(first.shape[1:]):
         inner.insert(0, inner[0] * d)
-    return blob.typed(first.dtype).as_strided((len(run), *first.shape), (step, *inner),
+    if transposed:      # the last two dims swapped in the same call (.mT would be another)
+        shape[-2:], inner[-2:] = shape[:-3:-1], inner[:-3:-1]
+    return blob.typed(first.dtype).as_strided((len(run), *shape), (step, *inner),
                                               first.offset // first.itemsize)
 
 

@@ -205,3 +205,32 @@ def test_slot_loads_record_when_they_were_issued_and_seen_ready(tmp_path):
     assert pool.is_ready(slot)
     (issued, ready), = pool.load_times
     assert 0 < issued <= ready
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_device_ranks_follow_each_load_and_eviction_of_a_reused_slot(tmp_path, device):
+    """A slot's ranks for all projections are set by one copy per load and one zero_ per
+    eviction (SlotPool._ranks): the device values match ranks_list after each."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    make_adapter(tmp_path / "a", torch.bfloat16)
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": list(UNIFORM)}
+    make_adapter(tmp_path / "u", torch.bfloat16, config=config, layers_of=UNIFORM,
+                 alpha_of=lambda *_: (8, 16))
+    pool = SlotPool(CFG, 1, 16, torch.bfloat16, device)
+
+    def device_ranks():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return {p: (w.ranks.tolist(), w.ranks_list) for p, w in pool.weights.items()}
+    seen = []
+    for name in ("a", "u"):
+        adapter = read_raw_adapter(name, tmp_path / name, CFG, 16)
+        assert pool.load(adapter) == 0
+        got = device_ranks()
+        assert all(on_device == host == [adapter.rank_of(p)] for p, (on_device, host)
+                   in got.items()), got
+        seen.append({p: adapter.rank_of(p) for p in got})
+    assert seen[0] != seen[1] and seen[1]["k_proj"] == 0 and seen[1]["down_proj"] == 8
+    pool.evict("u")
+    assert all(v == ([0], [0]) for v in device_ranks().values())

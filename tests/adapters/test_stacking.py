@@ -209,3 +209,14 @@ def test_parse_calls_do_not_grow_with_the_layers(tmp_path, file_dtype):
             assert same_bits(ad.weights[proj][0], ref[0]) and same_bits(ad.weights[proj][1],
                                                                         ref[1])
     assert counts[0] == counts[1] <= 14 * len(targets), counts
+
+
+def test_device_orders_are_made_once_each_and_right_past_the_staging_rows():
+    from punica_core.adapters.stacking import DeviceOrders
+    orders = DeviceOrders(torch.device("cpu"), num_layers=4, rows=2)
+    first = orders.get([0, 1, 3, 2])
+    assert orders.get([0, 1, 3, 2]) is first            # one tensor per order
+    wanted = [[0, 1, 3, 2], [3, 2, 1, 0], [1, 0, 2, 3], [2, 0]]     # past the 2 rows; odd size
+    got = [orders.get(w) for w in wanted]
+    assert [g.tolist() for g in got] == wanted          # a later order rewrote no earlier one
+    assert all(g.dtype == torch.int64 for g in got)
