@@ -111,3 +111,27 @@ def test_time_with_nothing_runnable_is_counted(make_engine, parity_adapters, mon
     counters = e.metrics.counters
     assert 0.25 <= counters["idle_waiting_s"] < 5
     assert 0 < counters["schedule_s"] < counters["idle_waiting_s"]
+
+
+def test_once_no_slot_can_be_had_load_ahead_tries_no_more_loads(make_engine, parity_adapters):
+    """Both slots are held by running requests and more adapters wait, all in the host cache:
+    each step tries one slot load (which finds no room), not one per waiting adapter; the
+    waiting requests still run, in order, once slots free up."""
+    e = make_engine(max_batch=2, max_adapters_on_gpu=2)
+    names = list(parity_adapters)
+    for name in names:
+        e.register_adapter(name, parity_adapters[name])
+    assert len(names) >= 4
+    running = [e.add_request("Count to ten.", LONG, n) for n in names[:2]]
+    e.step()
+    waiting = [e.add_request("Hi.", SamplingParams(max_tokens=2, temperature=0,
+                                                   ignore_eos=True), n) for n in names[2:]]
+    attempts = []
+    load = e.pool.load
+    e.pool.load = lambda adapter, keep=frozenset(): attempts.append(adapter.name) or \
+        load(adapter, keep)
+    e.step()
+    assert all(r.output_ids for r in running) and not any(r.output_ids for r in waiting)
+    assert attempts == [names[2]], attempts      # the first waiting one only
+    run_to_completion(e)
+    assert all(len(r.output_ids) == 2 for r in waiting)
