@@ -368,8 +368,9 @@ class AdapterPlan:
         return tuple(p for p in PROJECTIONS if p in self.per_proj)
 
 
-# checked plans by structure (see _plan): a fleet of fine-tunes made by one recipe shares one
-_PLANS = PlanMemo(size=256)
+# checked plans by structure (see _plan): a fleet of fine-tunes made by one recipe shares one.
+# A 7B plan holds ~0.4 MB of Python objects (header, per-layer refs): 64 stay at most
+_PLANS = PlanMemo(size=64)
 
 
 def _plan(name: str, raw_cfg: bytes, head: bytes, label: str, model_cfg: ModelConfig,

@@ -55,3 +55,35 @@ def _switch_on() -> bool:
         log.warning("pinned memory stays on cudaHostAlloc: %s", e)
         return False
     return True
+
+
+def block_plan(sizes: list[int], max_blocks: int) -> dict[int, int]:
+    """{block bytes: count} to pin ahead for background reads of files of these sizes. torch's
+    caching host allocator serves a request from a free block of its power-of-two size class
+    (CachingHostAllocator rounds every size up so), so one block per file read at once, by
+    class, at most max_blocks in all (the host cache's room plus the loader threads), the
+    classes most files need first."""
+    by_class: dict[int, int] = {}
+    for size in sizes:
+        if size > 0:
+            cls = 1 << (size - 1).bit_length()
+            by_class[cls] = by_class.get(cls, 0) + 1
+    plan, left = {}, max_blocks
+    for cls, n in sorted(by_class.items(), key=lambda kv: (-kv[1], kv[0])):
+        if left <= 0:
+            break
+        plan[cls] = min(n, left)
+        left -= plan[cls]
+    return plan
+
+
+def reserve_blocks(plan: dict[int, int]) -> int:
+    """Pins plan's blocks now and frees them into torch's cache, so that reads later reuse
+    them instead of pinning fresh memory while the engine runs (a fresh pin holds the driver
+    lock the engine thread's launches need: benchmarks/diag/slot_load_contention.py). Bytes
+    pinned."""
+    kept = [torch.empty(cls, dtype=torch.uint8, pin_memory=True)
+            for cls, n in plan.items() for _ in range(n)]
+    total = sum(t.numel() for t in kept)
+    del kept        # to torch's free lists, still pinned
+    return total

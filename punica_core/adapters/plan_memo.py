@@ -18,7 +18,7 @@ SCALING_KEYS = ("lora_alpha", "r", "use_rslora", "alpha_pattern", "rank_pattern"
 
 
 class PlanMemo:
-    def __init__(self, size: int = 256):
+    def __init__(self, size: int = 64):
         self.size = size
         self._plans: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()       # loader threads plan in parallel

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AdapterError, UnknownAdapterError
 from ..model.config import ModelConfig
-from .pinned_memory import use_registered_host_memory
+from .pinned_memory import block_plan, reserve_blocks, use_registered_host_memory
 from .peft import (LoraAdapter, ReadBuffers, inspect_adapter, parse_adapter, read_raw_adapter,
                    validate_name)
 
@@ -67,6 +67,7 @@ class AdapterStore:
         # a few workers read adapters in parallel (a parse is mostly reads and torch copies);
         # how many pay off beside a busy engine loop is measured by engine_gpu.py
         # --loader-workers (EngineConfig.adapter_loader_workers)
+        self.loader_workers = loader_workers
         self._pool = ThreadPoolExecutor(max_workers=loader_workers,
                                         thread_name_prefix="adapter-loader")
         # weights files are read into kept buffers: a fresh one costs more in page faults
@@ -193,6 +194,19 @@ class AdapterStore:
             with self._lock:
                 self.parses += 1
                 self.parse_seconds += time.perf_counter() - t0
+
+    def reserve_pinned_blocks(self) -> int:
+        """Pins, before serving, the blocks that background reads of the registered adapter
+        folders will take (their file sizes; the host cache's room plus a read per loader
+        thread at most), so that a cold start pins nothing while the engine runs. Bytes
+        pinned; 0 unless reads are kept as file bytes in pinned memory (device stacking on
+        CUDA). Not yet measured against not reserving (engine_gpu.py --reserve-pinned)."""
+        if not (self.pin_memory and self.device_stacking and torch.cuda.is_available()):
+            return 0
+        with self._lock:
+            sizes = [self._info[n].nbytes for n, src in self._sources.items()
+                     if isinstance(src, (str, Path)) and Path(src).is_dir()]
+        return reserve_blocks(block_plan(sizes, self.host_cache_size + self.loader_workers))
 
     def mark_failed(self, name: str, message: str) -> None:
         """A slot load found the adapter's weights bad (device stacking): its requests fail
