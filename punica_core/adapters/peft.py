@@ -49,7 +49,6 @@ class RawWeights:
     there instead of on the host."""
     blob: torch.Tensor              # uint8 [file bytes] (pinned on CUDA hosts)
     items: dict[str, list[tuple[int, TensorRef, TensorRef, float]]]  # AdapterPlan.items
-    per_proj: dict[str, list[tuple[int, str, str, int, float]]]    # AdapterPlan.per_proj
     where: str                      # the weights file, for error messages
 
 
@@ -74,7 +73,7 @@ class LoraAdapter:
 
     def rank_of(self, proj: str) -> int:
         if self.raw is not None:
-            return max((r for _, _, _, r, _ in self.raw.per_proj.get(proj, ())), default=0)
+            return max((a.shape[0] for _, a, _, _ in self.raw.items.get(proj, ())), default=0)
         return self.weights[proj][0].shape[1] if proj in self.weights else 0
 
 
@@ -480,8 +479,7 @@ def read_raw_adapter(name: str, folder, model_cfg: ModelConfig, max_rank: int,
             return kept[-1]
         raw_cfg, view = _read_folder(folder, max_bytes, alloc)
         plan = _plan(name, raw_cfg, view, str(folder), model_cfg, max_rank)
-        raw = RawWeights(kept[0], plan.items, plan.per_proj,
-                         f"{folder}/{WEIGHTS_NAME}")
+        raw = RawWeights(kept[0], plan.items, f"{folder}/{WEIGHTS_NAME}")
         return LoraAdapter(name=name, source=str(folder), rank=plan.rank, alpha=plan.alpha,
                            use_rslora=plan.use_rslora, targets=plan.targets, weights={},
                            nbytes=len(view), base_model=plan.base_model, raw=raw)

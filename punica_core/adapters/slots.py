@@ -176,10 +176,15 @@ class SlotPool:
             # the padded torch paths read everything)
             w.a[slot, :, r:].zero_()
             w.b[slot, :, r:].zero_()
-            w.ranks_list[slot] = r
-            # fill_, not `ranks[slot] = r`: on CUDA that setitem copies a pageable host scalar,
-            # which first waits for all the work queued on the stream (here: the copies above)
-            w.ranks[slot].fill_(r)
+        self._set_ranks(slot, adapter)
+
+    def _set_ranks(self, slot: int, adapter: LoraAdapter) -> None:
+        """The slot's rank of every projection, on the host and (one copy) on the device."""
+        for i, (p, w) in enumerate(self.weights.items()):
+            w.ranks_list[slot] = self._rank_rows_np[slot, i] = adapter.rank_of(p)
+        # from the pinned row: a pageable host value (`ranks[slot] = r`) would first wait for
+        # all the work queued on the stream (here: the copies above)
+        self._rank_cols[slot].copy_(self._rank_row_views[slot], non_blocking=True)
 
     def _stack_raw(self, slot: int, adapter: LoraAdapter) -> None:
         """The file's bytes to the device, then stacked into the slot there (the transpose and
@@ -188,18 +193,15 @@ class SlotPool:
         raw = adapter.raw
         blob = Blob(raw.blob.to(self.device, non_blocking=True), self._orders)
         stacked = []
-        for i, ((p, w), (a, b)) in enumerate(zip(self.weights.items(), self._slot_views[slot])):
+        for p, (a, b) in zip(self.weights, self._slot_views[slot]):
             items = raw.items.get(p)
-            r = adapter.rank_of(p)
             if items:
                 stack_into(a, b, items, blob)
                 stacked += [a, b]       # rows past rank r are zeros: they change no norm
             else:
                 a.zero_()
                 b.zero_()
-            w.ranks_list[slot] = r
-            self._rank_rows_np[slot, i] = r
-        self._rank_cols[slot].copy_(self._rank_row_views[slot], non_blocking=True)
+        self._set_ranks(slot, adapter)
         # a NaN or inf makes its norm NaN or inf; finite values only by overflow (which the
         # exact check in _verify then lets pass). One multi-tensor call for all of them, not
         # a sum per tensor: every torch call here holds the engine's thread (a 7B load on a
@@ -240,7 +242,7 @@ class SlotPool:
         self._where.pop(slot, None)
         for w in self.weights.values():
             w.ranks_list[slot] = 0
-        self._rank_cols[slot].zero_()   # no host wait for the compute stream (see _copy)
+        self._rank_cols[slot].zero_()   # no host wait for the compute stream (see _set_ranks)
 
     def evict(self, name: str) -> None:
         """Drops an adapter from the device; refused while a running request uses it."""
