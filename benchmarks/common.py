@@ -240,9 +240,13 @@ def run_requests(engine, prompts, adapters, new_tokens, timeout_s: float = 600.0
             "prefill_step_ms_p50": pct(prefill, 50), "prefill_step_ms_max": max(prefill, default=None),
             "prefill_steps_s": sum(prefill) / 1e3,
             "outside_steps_s": dt - (sum(decode) + sum(prefill)) / 1e3,
-            # ... of which scheduling (with the slot loads it issues) and nothing runnable
+            # ... of which scheduling (with the slot loads issued while nothing runs) and
+            # nothing runnable
             **{f"outside_{k}": engine.metrics.counters[k] - counters_before.get(k, 0)
                for k in ("schedule_s", "idle_waiting_s")},
+            # slot loads issued while the GPU computed a step (inside the steps' time)
+            "in_steps_load_ahead_s": engine.metrics.counters["load_ahead_in_step_s"]
+            - counters_before.get("load_ahead_in_step_s", 0),
             "gaps_between_steps": step_gaps(steps, wall0),
             "distinct_adapters": len({a for a in adapters if a})}
 

@@ -1,6 +1,8 @@
 """ModelRunner: turns a scheduled batch into one forward pass and sampled tokens."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..adapters.slots import SlotPool
@@ -43,8 +45,11 @@ class ModelRunner:
                                self.model.device, overlap=self.lora_overlap)
         return self.model.forward(layout, self.kv, lora)
 
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """One token per scheduled request (None for chunks that do not sample yet)."""
+    def run(self, batch: ScheduledBatch,
+            while_computing: Callable[[], object] | None = None) -> list[int | None]:
+        """One token per scheduled request (None for chunks that do not sample yet).
+        while_computing runs once the step is launched, before its tokens are read: on a GPU
+        it overlaps the step's compute."""
         if self.graphs is not None and self.graphs.fits(batch.chunks):
             logits = self.graphs.run(batch.chunks)
         elif self.mixed_graphs is not None and self.mixed_graphs.fits(batch.chunks):
@@ -55,6 +60,8 @@ class ModelRunner:
         if self.capture is not None:
             self.capture.append(([r.id for r, _ in sampling], logits.detach().cpu()))
         tokens = sample(logits, [r.params for r, _ in sampling],
-                        [r.generator for r, _ in sampling]) if sampling else []
-        it = iter(tokens)
+                        [r.generator for r, _ in sampling]) if sampling else None
+        if while_computing is not None:
+            while_computing()
+        it = iter(tokens.tolist() if tokens is not None else [])
         return [next(it) if c.sample else None for c in batch.chunks]

@@ -48,9 +48,9 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
+           generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits: [B, V] float32. Greedy rows take the argmax; others temperature / top-k / top-p.
-    Reads the result to the host once."""
+    The token ids [B] stay on the logits' device (the caller reads them once)."""
     out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.greedy:
@@ -67,4 +67,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             row = row.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = row.softmax(-1)
         out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return out.tolist()
+    return out

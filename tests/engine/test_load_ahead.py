@@ -135,3 +135,61 @@ def test_once_no_slot_can_be_had_load_ahead_tries_no_more_loads(make_engine, par
     assert attempts == [names[2]], attempts      # the first waiting one only
     run_to_completion(e)
     assert all(len(r.output_ids) == 2 for r in waiting)
+
+
+def test_slot_loads_are_issued_while_the_step_computes_not_while_scheduling(make_engine,
+                                                                         parity_adapters):
+    """A running batch and a waiting request whose adapter is in the host cache: its slot
+    load is issued after the step's forward is launched (in the GPU's shadow), never inside
+    schedule(), which would hold the step back; the request is admitted the step after."""
+    e = make_engine(max_batch=1, max_adapters_on_gpu=2)
+    for name in ("r4_qv", "r8_all"):
+        e.register_adapter(name, parity_adapters[name])
+    first = e.add_request("Count to ten.", LONG, "r4_qv")
+    e.step()
+    assert first.output_ids
+    waiting = e.add_request("Name a colour.", LONG, "r8_all")
+    events = []
+    schedule, load, forward = e.scheduler.schedule, e.pool.load, e.runner.forward
+    graphs = e.runner.graphs
+
+    def traced_schedule():
+        events.append("schedule")
+        out = schedule()
+        events.append("scheduled")
+        return out
+    e.scheduler.schedule = traced_schedule
+    e.pool.load = lambda adapter, keep=frozenset(): events.append(f"load {adapter.name}") or \
+        load(adapter, keep)
+    e.runner.forward = lambda layout: events.append("forward") or forward(layout)
+    assert graphs is None                   # CPU: every step goes through forward
+    e.step()
+    assert events == ["schedule", "scheduled", "forward", "load r8_all"], events
+    assert waiting.output_ids == []
+    run_to_completion(e)
+    assert len(waiting.output_ids) == 24
+
+
+def test_load_ahead_issues_a_bounded_number_of_slot_loads_per_call(make_engine,
+                                                                   parity_adapters):
+    """Six waiting adapters in the host cache and room for all: one load_ahead call issues
+    SLOT_LOADS_PER_CALL slot loads, in queue order, and the next call the rest; an idle
+    engine's first step still admits the loaded ones at once (CPU loads are ready at once)."""
+    from punica_core.engine.scheduler import SLOT_LOADS_PER_CALL
+    e = make_engine(max_batch=8, max_adapters_on_gpu=8)
+    folders = list(parity_adapters.values())
+    names = [f"a{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        e.register_adapter(name, folders[i % len(folders)])
+    assert SLOT_LOADS_PER_CALL < len(names)
+    short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    reqs = [e.add_request("Hi.", short, n) for n in names]
+    e._take_inbox()
+    assert e.scheduler.load_ahead() == SLOT_LOADS_PER_CALL
+    resident = [n for n in names if e.pool.lookup(n) is not None]
+    assert resident == names[:SLOT_LOADS_PER_CALL]
+    e.step()                                # admits those four, loads the other two
+    assert [bool(r.output_ids) for r in reqs] == [True] * 4 + [False] * 2
+    assert all(e.pool.lookup(n) is not None for n in names)
+    run_to_completion(e)
+    assert all(len(r.output_ids) == 2 for r in reqs)

@@ -89,10 +89,10 @@ def test_unregister_leaves_the_slot_pool_to_the_stepping_thread(make_engine, par
     in_step, release = threading.Event(), threading.Event()
     run = e.runner.run
 
-    def slow_run(batch):
+    def slow_run(batch, **kw):
         in_step.set()
         release.wait(10)
-        return run(batch)
+        return run(batch, **kw)
     monkeypatch.setattr(e.runner, "run", slow_run)
     loop = EngineLoop(e).start()
     try:
