@@ -326,10 +326,11 @@ def main(argv=None):
     ap.add_argument("--mixed-graphs", choices=("on", "off"), default=None,
                     help="engine/mixed_graphs.MIXED_GRAPHS: steps that prefill beside decode "
                          "rows replayed from CUDA graphs; default: the engine's (on)")
-    ap.add_argument("--reserve-pinned", choices=("on", "off"), default="off",
+    ap.add_argument("--reserve-pinned", choices=("on", "off"), default="on",
                     help="zipf case: pin the host cache's blocks for the registered files "
-                         "before the clock (AdapterStore.reserve_pinned_blocks), so that cold "
-                         "reads reuse them instead of pinning while the engine runs")
+                         "before the clock (AdapterStore.reserve_pinned_blocks, as a serving "
+                         "loop's start does: EngineConfig.reserve_pinned_host_cache), so that "
+                         "cold reads reuse them instead of pinning while the engine runs")
     ap.add_argument("--pinned-cuda-host-alloc", action="store_true",
                     help="the host cache's pinned memory from cudaHostAlloc (torch's default) "
                          "instead of malloc + cudaHostRegister (the store's)")

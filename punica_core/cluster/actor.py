@@ -140,7 +140,7 @@ class EngineActor:
 
     def _run(self) -> None:
         e = self.engine
-        e.capture_graphs_or_log()       # every CUDA graph bucket first, as EngineLoop does
+        e.prepare_to_serve()            # pinned blocks and CUDA graphs first, as EngineLoop does
         while not self._stop.is_set():
             out: list[tuple] = []
             if self._detach:

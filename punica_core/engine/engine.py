@@ -92,9 +92,21 @@ class Engine:
             log.info("captured %d CUDA graphs in %.1f s", n, time.perf_counter() - t0)
         return n, time.perf_counter() - t0
 
-    def capture_graphs_or_log(self) -> None:
-        """capture_graphs for a loop thread's start: a failure (say, out of memory) is logged
-        and leaves the rest to be captured on first use, as without it."""
+    def prepare_to_serve(self) -> None:
+        """What a serving loop's thread does before its first step: pins the host cache's
+        blocks for the adapter folders registered so far (EngineConfig.reserve_pinned_host_cache;
+        adapters registered later pin as they are read), then captures every CUDA graph
+        bucket. A failure of either (say, out of memory) is logged and serving goes on
+        without it, as if it had not been asked for."""
+        if self.config.reserve_pinned_host_cache:
+            try:
+                t0 = time.perf_counter()
+                nbytes = self.store.reserve_pinned_blocks()
+                if nbytes:
+                    log.info("pinned %.1f GiB for the host cache in %.1f s", nbytes / 2**30,
+                             time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - reads then pin as they go, as without it
+                log.exception("pinning the host cache's blocks up front failed")
         try:
             self.capture_graphs()
         except Exception:  # noqa: BLE001 - serving goes on without the up-front captures

@@ -33,10 +33,11 @@ class EngineLoop:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        # every CUDA graph bucket before the first step, on the thread that replays them:
-        # requests that arrive meanwhile wait in the inbox (7B: 98 graphs in 5-8 s on an
-        # H200, benchmarks/results/diag/engine_gpu_h200_7b_many_captured_first.json)
-        self.engine.capture_graphs_or_log()
+        # the host cache's pinned blocks and every CUDA graph bucket before the first step,
+        # on the thread that replays them: requests that arrive meanwhile wait in the inbox
+        # (7B: 98 graphs in 5-8 s on an H200,
+        # benchmarks/results/diag/engine_gpu_h200_7b_many_captured_first.json)
+        self.engine.prepare_to_serve()
         while not self._stop.is_set():
             if not self.engine.has_work():
                 self._wake.wait(0.5)
