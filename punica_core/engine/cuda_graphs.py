@@ -11,6 +11,8 @@ reads device memory on the host: the sampled tokens are the step's one synchroni
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -20,6 +22,8 @@ from ..model.kv_cache import KVCache
 from ..model.llama import LlamaModel
 from ..model.lora import LoraContext
 from .layout import BatchLayout, ScheduledChunk
+
+log = logging.getLogger("punica")
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -50,6 +54,7 @@ def capture_missing(keys, captured: dict, write_padding, capture) -> int:
     capture_all."""
     keys = [k for k in keys if k not in captured]
     if keys:
+        log.info("capturing %d CUDA graphs (requests wait until it is done)", len(keys))
         write_padding()
     for key in keys:
         capture(*key)

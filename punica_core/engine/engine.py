@@ -84,8 +84,6 @@ class Engine:
         seconds). Call before the engine serves (not while its loop steps). A no-op off CUDA
         or with cuda_graphs=False."""
         t0 = time.perf_counter()
-        if self.runner.graphs is not None:
-            log.info("capturing CUDA graphs (requests wait until it is done)")
         n = self.runner.capture_graphs()
         if n:
             torch.cuda.synchronize(self.model.device)
