@@ -1,7 +1,9 @@
-// Diagnostic: where the time of a chain of fused LoRA launches goes (csrc/lora_fused.cu).
+// Diagnostic: where the time of a chain of fused LoRA launches goes (csrc/lora_fused.cu), or
+// of streamed ones (csrc/lora_stream.cu: 5th argument "stream", 6th its CTAs, default all SMs).
 //
 //   nvcc -O3 -std=c++17 -Icsrc -DPUNICA_TIMELINE -gencode=arch=compute_90a,code=sm_90a \
 //        benchmarks/diag/fused_timeline.cu -o /tmp/fused_timeline && /tmp/fused_timeline
+//   /tmp/fused_timeline 32 4096 4096 stream 132
 //
 // Why: 32 rows with 32 distinct rank-16 adapters (8 MiB) take ~5 us a launch in a CUDA graph of
 // back-to-back launches, against 2 us for the bytes at the copy bandwidth and ~1 us for an empty
@@ -18,6 +20,8 @@
 
 #include "cuda_check.cuh"
 #include "lora_fused.cu"   // -Icsrc (or another copy, for an A/B)
+#include "lora_stream.cu"
+#include <cstring>
 
 using namespace punica;
 
@@ -25,9 +29,11 @@ int main(int argc, char** argv) {
   const int rows = argc > 1 ? std::atoi(argv[1]) : 32;    // = adapters (1-row segments)
   const int fin = argc > 2 ? std::atoi(argv[2]) : 4096;
   const int fout = argc > 3 ? std::atoi(argv[3]) : 4096;
+  const bool stream = argc > 4 && std::strcmp(argv[4], "stream") == 0;
   const int rank = 16, slots = rows, layers = 32, launches = 32;
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int stream_ctas = argc > 5 ? std::atoi(argv[5]) : sms;
   const size_t a_elems = size_t(slots) * layers * rank * fin, b_elems = size_t(slots) * layers * rank * fout;
   __nv_bfloat16 *a, *b, *x, *y;
   CHECK(cudaMalloc(&a, a_elems * 2));
@@ -49,7 +55,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(slot_ids, h_slots.data(), rows * 4, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(ranks, h_ranks.data(), slots * 4, cudaMemcpyHostToDevice));
   const int cluster = lora_fused_cluster(rows, sms);
-  const int grid = rows * cluster;
+  const int grid = stream ? std::max(1, std::min(stream_ctas, rows)) : rows * cluster;
   unsigned long long* tl;
   CHECK(cudaMalloc(&tl, size_t(launches) * grid * 8 * 8));
 
@@ -74,7 +80,9 @@ int main(int argc, char** argv) {
       p.accumulate = true;
       p.tl = tl;
       p.tl_launch = l;
-      CHECK(lora_fused(DType::kBFloat16, p, LaunchOptions{s, sms, true, pdl != 0}));
+      const LaunchOptions o{s, sms, true, pdl != 0};
+      CHECK(stream ? lora_stream(DType::kBFloat16, p, stream_ctas, true, o)
+                   : lora_fused(DType::kBFloat16, p, o));
     }
     CHECK(cudaStreamEndCapture(s, &graph));
     cudaGraphExec_t exec;
@@ -92,15 +100,20 @@ int main(int argc, char** argv) {
     CHECK(cudaEventElapsedTime(&ms, e0, e1));
     const double per = ms * 1e3 / reps / launches;
     const double bytes = double(rows) * rank * (fin + fout) * 2;
-    std::printf("\n== pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: %.2f us/launch, "
-                "%.0f GB/s on the weights\n", pdl, rows, fin, fout, rank, cluster, grid, per,
-                bytes / per * 1e-3);
+    std::printf("\n== %s pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: %.2f us/launch, "
+                "%.0f GB/s on the weights\n", stream ? "stream" : "fused", pdl, rows, fin, fout,
+                rank, stream ? 0 : cluster, grid, per, bytes / per * 1e-3);
     std::vector<unsigned long long> h(size_t(launches) * grid * 8);
     CHECK(cudaMemcpy(h.data(), tl, h.size() * 8, cudaMemcpyDeviceToHost));
     unsigned long long t0 = ~0ull;
     for (int c = 0; c < grid; ++c) t0 = std::min(t0, h[size_t(c) * 8]);
-    std::printf("launch | start first..med..last | meta med | issued med | wait first..last | "
-                "data med..last | shrunk med | reduced med | end first..last   (ns from launch 0's start)\n");
+    if (stream)   // the streamed kernel's stamps (lora_stream.cu), same columns
+      std::printf("launch | start first..med..last | meta med | 1st copy issued med | wait "
+                  "first..last | 1st stage full med..last | v done med | y written med | end "
+                  "first..last   (ns from launch 0's start)\n");
+    else
+      std::printf("launch | start first..med..last | meta med | issued med | wait first..last | "
+                  "data med..last | shrunk med | reduced med | end first..last   (ns from launch 0's start)\n");
     for (int l = 0; l < launches; ++l) {
       auto col = [&](int k) {
         std::vector<long long> v(grid);
