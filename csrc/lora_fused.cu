@@ -31,18 +31,11 @@ constexpr int NU = 8;   // rank rows in flight (expand)
 
 __host__ __device__ constexpr int round8(int v) { return (v + 7) & ~7; }
 
-// Diagnostic stamps (benchmarks/diag/fused_timeline.cu builds with PUNICA_TIMELINE); empty here.
-#ifdef PUNICA_TIMELINE
-__device__ __forceinline__ void tl_stamp(const FusedParams& p, int k) {
-  if (threadIdx.x != 0) return;
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  p.tl[(size_t(p.tl_launch) * gridDim.x + blockIdx.x) * 8 + k] = t;
-}
-#define TL_STAMP(p, k) tl_stamp(p, k)
-#else
-#define TL_STAMP(p, k)
-#endif
+// Diagnostic stamps by the CTA's first thread (TIMELINE_STAMP, sgmv_common.cuh).
+#define TL_STAMP(p, k) \
+  do {                        \
+    if (threadIdx.x == 0) TIMELINE_STAMP(p, k); \
+  } while (0)
 
 // Shared memory of one CTA: the larger of the staged path (a and b slices of rank_block rows,
 // x and y slices) and the streaming path (x slice, the rank groups' partial sums); then the

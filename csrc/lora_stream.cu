@@ -69,21 +69,11 @@ __host__ __device__ __forceinline__ int a_rows_per_stage(int K, int r, int row_l
   return min(r, min(kConsumerWarps, row_limit / K));
 }
 
-// Diagnostic stamps (benchmarks/diag/stream_timeline.cu builds with PUNICA_TIMELINE; empty
-// here): one thread per CTA writes %globaltimer at k = 0 entry, 1 the producer's first
+// Diagnostic stamps (TIMELINE_STAMP, sgmv_common.cuh; PUNICA_TIMELINE builds of
+// benchmarks/diag/fused_timeline.cu only): one thread per CTA writes %globaltimer at k = 0 entry, 1 the producer's first
 // metadata in, 2 its first weight copy issued, 3 the consumers' griddepcontrol.wait done, 4 the
 // first stage full, 7 the first job's v done, 5 its y written, 6 exit (the order of
 // lora_fused.cu's stamps: its 7 is the shrink, 5 the reduction, 6 the exit).
-#ifdef PUNICA_TIMELINE
-__device__ __forceinline__ void stream_stamp(const FusedParams& p, int k) {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  p.tl[(size_t(p.tl_launch) * gridDim.x + blockIdx.x) * 8 + k] = t;
-}
-#define STREAM_STAMP(p, k) stream_stamp(p, k)
-#else
-#define STREAM_STAMP(p, k)
-#endif
 
 // TMA: bulk copies (one per stage); else 16-byte cp.async by the producer's 32 lanes.
 template <typename T, bool TMA>
@@ -97,7 +87,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
   auto ybuf = [&](int b) { return reinterpret_cast<T*>(smem_raw + L.y_off + b * L.y_pitch); };
   pdl_launch_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) STREAM_STAMP(p, 0);
+  if (tid == 0) TIMELINE_STAMP(p, 0);
   if (tid == 0) {
     const int fills = TMA ? 1 : 32;   // arrivals that complete a fill
     for (int i = 0; i < L.stages; ++i) {
@@ -176,7 +166,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
 #ifdef PUNICA_TIMELINE
       if (base == blockIdx.x) {
         const int first_slot = __shfl_sync(0xffffffffu, g.slot, 0);   // waits for the load
-        if (lane == 0 && first_slot != -2) STREAM_STAMP(p, 1);
+        if (lane == 0 && first_slot != -2) TIMELINE_STAMP(p, 1);
       }
 #endif
       for (int i = 0; i < 32; ++i) {
@@ -207,7 +197,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
             stage_chunk(Chunk{kA, pi, row, j0, rows, r, buf, j0 + rows >= r, 0},
                         A + int64_t(j0) * K, uint32_t(rows) * K * sizeof(T));
 #ifdef PUNICA_TIMELINE
-            if (lane == 0 && seq == 0 && j0 == 0) STREAM_STAMP(p, 2);
+            if (lane == 0 && seq == 0 && j0 == 0) TIMELINE_STAMP(p, 2);
 #endif
             if (j0 == 0) {   // x after the first weights: only x waits for the previous kernel
               wait_inputs();
@@ -235,7 +225,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
 
   // ---------------- consumer warps ----------------
   pdl_wait();
-  if (tid == 0) STREAM_STAMP(p, 3);
+  if (tid == 0) TIMELINE_STAMP(p, 3);
   T* __restrict__ y = static_cast<T*>(p.y);
   int stage = 0;
   uint32_t phase = 0;
@@ -245,7 +235,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     mbar_wait(&s.full[stage], phase);
     const Chunk c = s.chunk[stage];
 #ifdef PUNICA_TIMELINE
-    if (tid == 0 && seq == 0 && c.kind == kA && c.j0 == 0) STREAM_STAMP(p, 4);
+    if (tid == 0 && seq == 0 && c.kind == kA && c.j0 == 0) TIMELINE_STAMP(p, 4);
 #endif
     if (c.kind == kDone) break;
     const uint4* st = reinterpret_cast<const uint4*>(ring + size_t(stage) * L.stage_bytes);
@@ -285,7 +275,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
         }
         consumers_sync();   // v complete
 #ifdef PUNICA_TIMELINE
-        if (tid == 0 && seq == 0) STREAM_STAMP(p, 7);
+        if (tid == 0 && seq == 0) TIMELINE_STAMP(p, 7);
 #endif
       }
     } else if (c.kind == kB) {
@@ -331,7 +321,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
           if (lane == 0) mbar_arrive(&s.yempty[c.buf]);
         }
 #ifdef PUNICA_TIMELINE
-        if (tid == 0 && seq == 0) STREAM_STAMP(p, 5);
+        if (tid == 0 && seq == 0) TIMELINE_STAMP(p, 5);
 #endif
         ++seq;
       }
@@ -348,7 +338,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
       phase ^= 1;
     }
   }
-  if (tid == 0) STREAM_STAMP(p, 6);
+  if (tid == 0) TIMELINE_STAMP(p, 6);
 #endif
 }
 

@@ -14,6 +14,20 @@
 
 namespace punica {
 
+// Diagnostic stamps (PUNICA_TIMELINE builds only: benchmarks/diag/fused_timeline.cu; empty
+// otherwise): the calling thread writes %globaltimer into p.tl[launch][CTA][k], k < 8.
+#ifdef PUNICA_TIMELINE
+template <typename P>
+__device__ __forceinline__ void timeline_stamp(const P& p, int k) {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  p.tl[(size_t(p.tl_launch) * gridDim.x + blockIdx.x) * 8 + k] = t;
+}
+#define TIMELINE_STAMP(p, k) timeline_stamp(p, k)
+#else
+#define TIMELINE_STAMP(p, k) ((void)0)
+#endif
+
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
