@@ -78,6 +78,12 @@ class SlotPool:
         self._issued: dict[int, float] = {}
 
     @property
+    def loads_asynchronously(self) -> bool:
+        """Loads copy on a side stream (CUDA) and are ready later; on a CPU they are done when
+        load returns."""
+        return self._stream is not None
+
+    @property
     def nbytes(self) -> int:
         return sum(w.a.numel() * w.a.element_size() + w.b.numel() * w.b.element_size()
                    for w in self.weights.values())

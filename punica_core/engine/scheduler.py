@@ -18,8 +18,9 @@ from ..model.kv_cache import KVCache
 from .layout import ScheduledChunk
 from .request import Request, Status
 
-# slot loads per load_ahead call: an uncontended 7B rank-16 load issues in ~1.1 ms of the
-# engine thread's time, a 7B decode step computes for ~7 ms
+# slot loads per load_ahead call on a GPU: an uncontended 7B rank-16 load issues in ~1.1 ms
+# of the engine thread's time, a 7B decode step computes for ~7 ms (on a CPU no cap: there a
+# load is a copy done at once, and nothing computes meanwhile)
 SLOT_LOADS_PER_CALL = 4
 
 
@@ -127,13 +128,17 @@ class Scheduler:
             return None
         return False
 
-    def load_ahead(self, max_slot_loads: int = SLOT_LOADS_PER_CALL) -> int:
+    def load_ahead(self, max_slot_loads: int | None = None) -> int:
         """Starts loading the adapters of the next waiting requests (disk -> host cache ->
         slot), in queue order, so that they are resident when admission looks again; how many
         slot loads it issued. Never evicts an adapter that one of those requests wants. The
         engine calls it while the GPU computes a step (and when nothing is runnable); at most
         max_slot_loads slot loads a call, so that a run of them never holds a step's result
-        back for long (the rest load in the next steps' shadow)."""
+        back for long (the rest load in the next steps' shadow). None: SLOT_LOADS_PER_CALL
+        where loads are asynchronous (CUDA), no cap on a CPU."""
+        if max_slot_loads is None:
+            max_slot_loads = SLOT_LOADS_PER_CALL if self.pool.loads_asynchronously \
+                else self.pool.num_slots
         wanted = list(dict.fromkeys(r.adapter for r in islice(self.waiting, self.cfg.max_batch)
                                     if r.adapter is not None))
         keep = set(wanted)

@@ -170,21 +170,31 @@ def test_slot_loads_are_issued_while_the_step_computes_not_while_scheduling(make
     assert len(waiting.output_ids) == 24
 
 
-def test_load_ahead_issues_a_bounded_number_of_slot_loads_per_call(make_engine,
-                                                                   parity_adapters):
-    """Six waiting adapters in the host cache and room for all: one load_ahead call issues
-    SLOT_LOADS_PER_CALL slot loads, in queue order, and the next call the rest; an idle
-    engine's first step still admits the loaded ones at once (CPU loads are ready at once)."""
+def test_load_ahead_issues_a_bounded_number_of_slot_loads_per_call_where_loads_are_async(
+        make_engine, parity_adapters, monkeypatch):
+    """Six waiting adapters in the host cache and room for all. Where loads copy on a side
+    stream (as on a GPU; here the pool is told so), one load_ahead call issues
+    SLOT_LOADS_PER_CALL slot loads, in queue order, and the first step admits those while the
+    rest load in its shadow. On a CPU (loads done at once) one call loads all six."""
+    from punica_core.adapters.slots import SlotPool
     from punica_core.engine.scheduler import SLOT_LOADS_PER_CALL
-    e = make_engine(max_batch=8, max_adapters_on_gpu=8)
     folders = list(parity_adapters.values())
     names = [f"a{i}" for i in range(6)]
-    for i, name in enumerate(names):
-        e.register_adapter(name, folders[i % len(folders)])
-    assert SLOT_LOADS_PER_CALL < len(names)
     short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-    reqs = [e.add_request("Hi.", short, n) for n in names]
-    e._take_inbox()
+
+    def engine_with_waiting():
+        e = make_engine(max_batch=8, max_adapters_on_gpu=8)
+        for i, name in enumerate(names):
+            e.register_adapter(name, folders[i % len(folders)])
+        reqs = [e.add_request("Hi.", short, n) for n in names]
+        e._take_inbox()
+        return e, reqs
+    cpu, _ = engine_with_waiting()
+    assert not cpu.pool.loads_asynchronously
+    assert cpu.scheduler.load_ahead() == len(names)
+    monkeypatch.setattr(SlotPool, "loads_asynchronously", property(lambda self: True))
+    e, reqs = engine_with_waiting()
+    assert SLOT_LOADS_PER_CALL < len(names)
     assert e.scheduler.load_ahead() == SLOT_LOADS_PER_CALL
     resident = [n for n in names if e.pool.lookup(n) is not None]
     assert resident == names[:SLOT_LOADS_PER_CALL]
