@@ -40,7 +40,7 @@ from benchmarks.common import (ALL_PROJECTIONS, GIB, adapter_bytes, check_device
                                renamed, run_requests, sync, warm_up, write_json)
 from punica_core import Engine  # noqa: E402
 from punica_core.adapters import pinned_memory  # noqa: E402
-from punica_core.engine import mixed_graphs  # noqa: E402
+from punica_core.engine import mixed_graphs, scheduler  # noqa: E402
 from punica_core.model import lora as lora_model  # noqa: E402
 from punica_core.model.kv_cache import KVCache  # noqa: E402
 from punica_core.ops.backend import cuda_ops  # noqa: E402
@@ -326,6 +326,10 @@ def main(argv=None):
     ap.add_argument("--mixed-graphs", choices=("on", "off"), default=None,
                     help="engine/mixed_graphs.MIXED_GRAPHS: steps that prefill beside decode "
                          "rows replayed from CUDA graphs; default: the engine's (on)")
+    ap.add_argument("--stop-loads-when-step-done", choices=("on", "off"), default=None,
+                    help="engine/scheduler.STOP_LOADS_WHEN_STEP_DONE: in a step's shadow, no "
+                         "more slot loads (after the first) once the step is done on the GPU; "
+                         "default: the engine's (off)")
     ap.add_argument("--reserve-pinned", choices=("on", "off"), default="on",
                     help="zipf case: pin the host cache's blocks for the registered files "
                          "before the clock (AdapterStore.reserve_pinned_blocks, as a serving "
@@ -377,6 +381,8 @@ def main(argv=None):
         pinned_memory.REGISTER_HOST_MEMORY = False
     if args.mixed_graphs:
         mixed_graphs.MIXED_GRAPHS = args.mixed_graphs == "on"
+    if args.stop_loads_when_step_done:
+        scheduler.STOP_LOADS_WHEN_STEP_DONE = args.stop_loads_when_step_done == "on"
     if args.lora_overlap != "auto":
         common["lora_overlap"] = args.lora_overlap == "on"
     if args.overlap_kernel:
@@ -389,6 +395,7 @@ def main(argv=None):
     out["python_switch_interval_ms"] = sys.getswitchinterval() * 1e3
     out["adapter_device_stacking"] = engine.store.device_stacking
     out["mixed_graphs"] = mixed_graphs.MIXED_GRAPHS
+    out["stop_loads_when_step_done"] = scheduler.STOP_LOADS_WHEN_STEP_DONE
     out["host_cache_pinned_memory"] = "malloc + cudaHostRegister" \
         if engine.store.registered_host_memory else "cudaHostAlloc"
     out["lora_overlap"] = engine.runner.lora_overlap      # what the engine resolved

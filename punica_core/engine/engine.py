@@ -257,12 +257,12 @@ class Engine:
         self.metrics.count("schedule_s", time.perf_counter() - t)
         return issued
 
-    def _load_ahead_while_computing(self) -> None:
+    def _load_ahead_while_computing(self, step_done=None) -> None:
         """The same while the GPU computes a step (its own counter: that time is inside the
         step's). A load that raises is logged, and fails no request of the running batch."""
         t = time.perf_counter()
         try:
-            self.scheduler.load_ahead()
+            self.scheduler.load_ahead(step_done=step_done)
         except Exception:  # noqa: BLE001 - the waiting requests retry the load next step
             log.exception("loading adapters ahead failed")
         self.metrics.count("load_ahead_in_step_s", time.perf_counter() - t)

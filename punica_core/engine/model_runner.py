@@ -25,6 +25,17 @@ class ModelRunner:
         self.graphs = graphs    # decode steps replay CUDA graphs when they fit
         self.mixed_graphs = mixed_graphs    # and steps that prefill
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
+        self._step_event = None     # recorded after each step's launch (CUDA)
+
+    def _step_done_probe(self) -> Callable[[], bool] | None:
+        """After a step's launch: a callable, True once the GPU has done everything queued so
+        far (one reused event); None off CUDA."""
+        if self.model.device.type != "cuda":
+            return None
+        if self._step_event is None:
+            self._step_event = torch.cuda.Event()
+        self._step_event.record()
+        return self._step_event.query
 
     def capture_graphs(self) -> int:
         """Captures every CUDA graph bucket now (see Engine.capture_graphs); how many."""
@@ -46,10 +57,12 @@ class ModelRunner:
         return self.model.forward(layout, self.kv, lora)
 
     def run(self, batch: ScheduledBatch,
-            while_computing: Callable[[], object] | None = None) -> list[int | None]:
+            while_computing: Callable[[Callable[[], bool] | None], object] | None = None
+            ) -> list[int | None]:
         """One token per scheduled request (None for chunks that do not sample yet).
         while_computing runs once the step is launched, before its tokens are read: on a GPU
-        it overlaps the step's compute."""
+        it overlaps the step's compute. It gets a callable that says whether the step has
+        finished on the GPU (None on a CPU, where it has)."""
         if self.graphs is not None and self.graphs.fits(batch.chunks):
             logits = self.graphs.run(batch.chunks)
         elif self.mixed_graphs is not None and self.mixed_graphs.fits(batch.chunks):
@@ -62,6 +75,6 @@ class ModelRunner:
         tokens = sample(logits, [r.params for r, _ in sampling],
                         [r.generator for r, _ in sampling]) if sampling else None
         if while_computing is not None:
-            while_computing()
+            while_computing(self._step_done_probe())
         it = iter(tokens.tolist() if tokens is not None else [])
         return [next(it) if c.sample else None for c in batch.chunks]

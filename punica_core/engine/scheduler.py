@@ -8,6 +8,7 @@ preempted and later recomputed with one prefill; its stream goes on where it was
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from dataclasses import dataclass, field
 
@@ -22,6 +23,10 @@ from .request import Request, Status
 # of the engine thread's time, a 7B decode step computes for ~7 ms (on a CPU no cap: there a
 # load is a copy done at once, and nothing computes meanwhile)
 SLOT_LOADS_PER_CALL = 4
+# in a step's shadow, stop issuing slot loads (after the first) once the step has finished on
+# the GPU, so that loads never hold its tokens back. Not measured yet (engine_gpu.py
+# --stop-loads-when-step-done on), so off
+STOP_LOADS_WHEN_STEP_DONE = False
 
 
 @dataclass
@@ -128,14 +133,17 @@ class Scheduler:
             return None
         return False
 
-    def load_ahead(self, max_slot_loads: int | None = None) -> int:
+    def load_ahead(self, max_slot_loads: int | None = None,
+                   step_done: Callable[[], bool] | None = None) -> int:
         """Starts loading the adapters of the next waiting requests (disk -> host cache ->
         slot), in queue order, so that they are resident when admission looks again; how many
         slot loads it issued. Never evicts an adapter that one of those requests wants. The
         engine calls it while the GPU computes a step (and when nothing is runnable); at most
         max_slot_loads slot loads a call, so that a run of them never holds a step's result
         back for long (the rest load in the next steps' shadow). None: SLOT_LOADS_PER_CALL
-        where loads are asynchronous (CUDA), no cap on a CPU."""
+        where loads are asynchronous (CUDA), no cap on a CPU. step_done (in a step's shadow,
+        with STOP_LOADS_WHEN_STEP_DONE): once it says the step has finished, no more slot
+        loads after the first this call."""
         if max_slot_loads is None:
             max_slot_loads = SLOT_LOADS_PER_CALL if self.pool.loads_asynchronously \
                 else self.pool.num_slots
@@ -151,7 +159,9 @@ class Scheduler:
             adapter = self.store.get_cached(name)
             if adapter is None:
                 self.store.prefetch(name)
-            elif room and issued < max_slot_loads:
+            elif room and issued < max_slot_loads and not (
+                    issued and step_done is not None and STOP_LOADS_WHEN_STEP_DONE
+                    and step_done()):
                 # no slot for this one means none for the rest (the same keep): they are only
                 # read into the host cache, not tried again each (engine_gpu.py
                 # --many-adapters on 7B: 5700 failed slot loads a run, ~0.04 s)

@@ -203,3 +203,38 @@ def test_load_ahead_issues_a_bounded_number_of_slot_loads_per_call_where_loads_a
     assert all(e.pool.lookup(n) is not None for n in names)
     run_to_completion(e)
     assert all(len(r.output_ids) == 2 for r in reqs)
+
+
+def test_in_a_steps_shadow_loads_stop_once_the_step_is_done_when_asked(make_engine,
+                                                                      parity_adapters,
+                                                                      monkeypatch):
+    """With STOP_LOADS_WHEN_STEP_DONE, a load_ahead call given a step_done that says the step
+    has finished issues one slot load, not more (the rest wait for the next step's shadow);
+    while the step still computes it goes on; without the flag step_done is ignored."""
+    from punica_core.engine import scheduler as sched
+    e = make_engine(max_batch=8, max_adapters_on_gpu=8)
+    folders = list(parity_adapters.values())
+    names = [f"a{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        e.register_adapter(name, folders[i % len(folders)])
+    short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    reqs = [e.add_request("Hi.", short, n) for n in names]
+    e._take_inbox()
+    asked = []
+
+    def done():
+        asked.append(1)
+        return len(asked) > 1           # still computing at the first question, then done
+    assert e.scheduler.load_ahead(step_done=done) == len(names) and not asked   # flag off
+    # the same with the flag on, on a fresh engine
+    monkeypatch.setattr(sched, "STOP_LOADS_WHEN_STEP_DONE", True)
+    e2 = make_engine(max_batch=8, max_adapters_on_gpu=8)
+    for i, name in enumerate(names):
+        e2.register_adapter(name, folders[i % len(folders)])
+    reqs2 = [e2.add_request("Hi.", short, n) for n in names]
+    e2._take_inbox()
+    assert e2.scheduler.load_ahead(step_done=done) == 2     # one, still computing: a second
+    assert [e2.pool.lookup(n) is not None for n in names] == [True] * 2 + [False] * 4
+    run_to_completion(e2)
+    run_to_completion(e)
+    assert all(len(r.output_ids) == 2 for r in reqs + reqs2)
