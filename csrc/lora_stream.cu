@@ -56,6 +56,7 @@ struct StreamSmem {
 
 struct StreamLayout {
   int stages, stage_bytes, row_limit;
+  int early_a;                  // stages of a issued before x (and the wait) in a CTA's first row
   int ring_off, x_off, y_off;   // byte offsets in shared memory
   int x_pitch, y_pitch;         // bytes per x / y buffer
 };
@@ -192,14 +193,20 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
         for (int row = start; row < end; ++row, ++seq) {
           const int buf = seq & 1;
           const uint32_t use = (seq >> 1) & 1;
-          for (int j0 = 0; j0 < r; j0 += ra) {
+          // x after the first weights (only x waits for the previous kernel); in the CTA's
+          // first row after L.early_a stages of them, so that more weight bytes are requested
+          // before the wait. At most L.stages: the consumers need x to free an a stage
+          const int early = waited ? 1 : L.early_a;
+          bool x_issued = false;
+          for (int j0 = 0, k = 1; j0 < r; j0 += ra, ++k) {
             const int rows = min(ra, r - j0);
             stage_chunk(Chunk{kA, pi, row, j0, rows, r, buf, j0 + rows >= r, 0},
                         A + int64_t(j0) * K, uint32_t(rows) * K * sizeof(T));
 #ifdef PUNICA_TIMELINE
             if (lane == 0 && seq == 0 && j0 == 0) TIMELINE_STAMP(p, 2);
 #endif
-            if (j0 == 0) {   // x after the first weights: only x waits for the previous kernel
+            if (!x_issued && (k >= early || j0 + rows >= r)) {
+              x_issued = true;
               wait_inputs();
               arm(&s.xempty[buf], use ^ 1, &s.xfull[buf], K * sizeof(T), nullptr);
               copy(xbuf(buf), x + int64_t(row) * p.x_stride, K * sizeof(T), &s.xfull[buf]);
@@ -366,10 +373,14 @@ cudaError_t launch_stream(DType dt, const FusedParams& p, int ctas, const Launch
   // PUNICA_STREAM_STAGE_KB (4..32) override the ring's depth and stage size.
   static const int env_stages = env_int("PUNICA_STREAM_STAGES", 0);
   static const int env_kb = env_int("PUNICA_STREAM_STAGE_KB", 0);
+  // and PUNICA_STREAM_EARLY_A (default 1) how many stages of a a CTA's first row issues before
+  // x and the wait for the previous kernel (benchmarks/diag/fused_timeline.cu ... stream)
+  static const int env_early = env_int("PUNICA_STREAM_EARLY_A", 1);
   L.stage_bytes = env_kb >= 4 && env_kb <= 32 ? env_kb * 1024 : kStageBytes;
   L.row_limit = L.stage_bytes / int(sizeof(T));
   const int fit = (smem_max - fixed) / L.stage_bytes;
   L.stages = min(fit, env_stages >= 1 && env_stages <= kMaxStages ? env_stages : kDefaultStages);
+  L.early_a = max(1, min(env_early, L.stages));
   // rows that do not fit a stage (or a GPU with too little shared memory): the fused kernel
   if (p.in_features > L.row_limit || max_n > L.row_limit || L.stages < 1 ||
       (L.stages < 2 && env_stages == 0))
