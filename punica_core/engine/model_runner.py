@@ -28,14 +28,22 @@ class ModelRunner:
         self._step_event = None     # recorded after each step's launch (CUDA)
 
     def _step_done_probe(self) -> Callable[[], bool] | None:
-        """After a step's launch: a callable, True once the GPU has done everything queued so
-        far (one reused event); None off CUDA."""
+        """After a step's launch: a callable, True once the GPU has finished the step (one
+        reused event, recorded at the first call: the compute stream holds nothing after the
+        step until the tokens are read, so a step that never asks pays no CUDA call); None
+        off CUDA."""
         if self.model.device.type != "cuda":
             return None
         if self._step_event is None:
             self._step_event = torch.cuda.Event()
-        self._step_event.record()
-        return self._step_event.query
+        event, recorded = self._step_event, []
+
+        def done() -> bool:
+            if not recorded:
+                event.record()
+                recorded.append(True)
+            return event.query()
+        return done
 
     def capture_graphs(self) -> int:
         """Captures every CUDA graph bucket now (see Engine.capture_graphs); how many."""

@@ -171,3 +171,38 @@ def test_prefill_beside_decode_rows_kernels_match_torch_backend_bf16(moderate_ad
     ref = run("cuda", torch.bfloat16, moderate_adapters, monkeypatch, "torch", stagger=True)
     test = run("cuda", torch.bfloat16, moderate_adapters, monkeypatch, "auto", stagger=True)
     agree(ref, test, rel_tol=5e-2, tie_tol=0.25)
+
+
+def test_shadow_loads_ask_whether_the_step_is_done(moderate_adapters, monkeypatch):
+    """scheduler.STOP_LOADS_WHEN_STEP_DONE on CUDA: in a step's shadow load_ahead asks the
+    runner's probe (a CUDA event recorded at the first ask) before a second slot load, and
+    every request still completes with its adapter."""
+    from punica_core.engine import scheduler
+    monkeypatch.setattr(scheduler, "STOP_LOADS_WHEN_STEP_DONE", True)
+    loaded = load_model("random:tiny", "cpu", torch.float32)
+    loaded.model = loaded.model.to("cuda", torch.bfloat16)
+    e = Engine(EngineConfig(model="random:tiny", device="cuda", kv_cache_gb=0.05,
+                            max_adapters_on_gpu=8, max_batch=2), loaded=loaded)
+    folders = list(moderate_adapters.values())
+    names = [f"a{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        e.register_adapter(name, folders[i % len(folders)])
+    asked, probe = [], e.runner._step_done_probe
+
+    def spy():
+        done = probe()
+        assert done is not None             # on CUDA the runner hands a probe
+
+        def ask():
+            asked.append(done())
+            return asked[-1]
+        return ask
+    monkeypatch.setattr(e.runner, "_step_done_probe", spy)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    reqs = [e.add_request([5, 17, 99, 1000 + i], params, n) for i, n in enumerate(names)]
+    try:
+        run_to_completion(e)
+    finally:
+        e.close()
+    assert all(len(r.output_ids) == 8 for r in reqs)
+    assert asked, "no shadow call issued a second slot load"
