@@ -243,29 +243,29 @@ class Engine:
         outputs = self._take_inbox()
         t_sched = time.perf_counter()
         batch = self.scheduler.schedule()
-        # where time outside the forward goes (benchmarks split it): scheduling, which issues
-        # slot loads, and waiting with nothing runnable
+        # where time outside the forward goes (benchmarks split it): scheduling (with the slot
+        # loads issued while nothing runs, _load_ahead) and waiting with nothing runnable
         self.metrics.count("schedule_s", time.perf_counter() - t_sched)
         outputs += [self._fail(req, why) for req, why in batch.failed]
         return outputs, None if batch.empty else batch
 
-    def _load_ahead(self) -> int:
-        """Slot loads and disk reads for the waiting requests' adapters with nothing
-        runnable (counted with scheduling; benchmarks split the time outside the forward)."""
-        t = time.perf_counter()
-        issued = self.scheduler.load_ahead()
-        self.metrics.count("schedule_s", time.perf_counter() - t)
-        return issued
-
-    def _load_ahead_while_computing(self, step_done=None) -> None:
-        """The same while the GPU computes a step (its own counter: that time is inside the
-        step's). A load that raises is logged, and fails no request of the running batch."""
+    def _load_ahead(self, counter: str = "schedule_s", step_done=None) -> int:
+        """Slot loads and disk reads for the waiting requests' adapters, timed into counter:
+        with nothing runnable that is scheduling's (benchmarks split the time outside the
+        forward); in a step's shadow its own (that time is inside the step's)."""
         t = time.perf_counter()
         try:
-            self.scheduler.load_ahead(step_done=step_done)
+            return self.scheduler.load_ahead(step_done=step_done)
+        finally:
+            self.metrics.count(counter, time.perf_counter() - t)
+
+    def _load_ahead_while_computing(self, step_done=None) -> None:
+        """_load_ahead while the GPU computes a step. A load that raises is logged, and fails
+        no request of the running batch."""
+        try:
+            self._load_ahead("load_ahead_in_step_s", step_done)
         except Exception:  # noqa: BLE001 - the waiting requests retry the load next step
             log.exception("loading adapters ahead failed")
-        self.metrics.count("load_ahead_in_step_s", time.perf_counter() - t)
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """The batch's forward, sampling and post-processing."""

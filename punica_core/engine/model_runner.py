@@ -25,13 +25,14 @@ class ModelRunner:
         self.graphs = graphs    # decode steps replay CUDA graphs when they fit
         self.mixed_graphs = mixed_graphs    # and steps that prefill
         self.capture = None     # tests set a list here to receive (request ids, logits) per step
-        self._step_event = None     # recorded after each step's launch (CUDA)
+        self._step_event = None     # a step's done probe (CUDA), recorded at its first ask
 
     def _step_done_probe(self) -> Callable[[], bool] | None:
         """After a step's launch: a callable, True once the GPU has finished the step (one
-        reused event, recorded at the first call: the compute stream holds nothing after the
-        step until the tokens are read, so a step that never asks pays no CUDA call); None
-        off CUDA."""
+        reused event, recorded at the first call: until the tokens are read, the compute
+        stream gets only what the shadow's loads put there, a few tiny kernels such as an
+        evicted slot's rank reset, so a step that never asks pays no CUDA call); None off
+        CUDA."""
         if self.model.device.type != "cuda":
             return None
         if self._step_event is None:
