@@ -14,6 +14,7 @@
 // No grid-wide dependency and no v round trip through global memory. sm_90 only (clusters).
 #include <cooperative_groups.h>
 
+#include <cstdlib>
 #include <unordered_map>
 
 #include "sgmv_common.cuh"
@@ -38,13 +39,21 @@ __host__ __device__ constexpr int round8(int v) { return (v + 7) & ~7; }
   } while (0)
 
 // Shared memory of one CTA: the larger of the staged path (a and b slices of rank_block rows,
-// x and y slices) and the streaming path (x slice, the rank groups' partial sums); then the
-// partial and full v. MT: rows of a segment per pass (1 for decode batches, else 4).
+// x and y slices; with x_ready the y slice is the first rows' fp32 delta) and the streaming path
+// (x slice, the rank groups' partial sums); then the partial and full v. MT: rows of a segment
+// per pass (1 for decode batches, else 4).
+__host__ __device__ constexpr size_t staged_y_offset(int MT, int kc, int nc, int rank_block,
+                                                     size_t elem) {
+  return (size_t(rank_block) * (kc + nc) + size_t(MT) * kc) * elem;
+}
+__host__ __device__ constexpr size_t staged_y_bytes(int MT, int nc, size_t elem, bool x_ready) {
+  return size_t(MT) * nc * (x_ready ? sizeof(float) : elem);
+}
 __host__ __device__ constexpr size_t fused_smem_bytes(int MT, int kc, int nc, int rank_block,
-                                                      int elem) {
-  return (size_t(rank_block + MT) * (kc + nc) * elem >
+                                                      int elem, bool x_ready) {
+  return (staged_y_offset(MT, kc, nc, rank_block, elem) + staged_y_bytes(MT, nc, elem, x_ready) >
                   size_t(MT) * kc * elem + size_t(MT) * 8 * kThreads * sizeof(float)
-              ? size_t(rank_block + MT) * (kc + nc) * elem
+              ? staged_y_offset(MT, kc, nc, rank_block, elem) + staged_y_bytes(MT, nc, elem, x_ready)
               : size_t(MT) * kc * elem + size_t(MT) * 8 * kThreads * sizeof(float)) +
          2 * size_t(MT) * kMaxRank * sizeof(float);
 }
@@ -194,7 +203,13 @@ __device__ __forceinline__ void reduce_cluster(cg::cluster_group& cluster, float
 
 // Staged path (rank <= rank_block): every weight byte of the CTA is requested at entry with
 // cp.async into shared memory, x and y right after the dependency wait, so the CTA's whole
-// chain is one memory round trip, the shrink, a cluster barrier and the expand.
+// chain is one memory round trip, the shrink, a cluster barrier and the expand. (Bulk copies
+// issued by one warp, one per rank row, were measured 5-10% slower than the threads' 16-byte
+// cp.async here, on an H200.)
+// p.x_ready (x final before the launch, see FusedParams): the first rows' x is copied with the
+// weights and their whole delta (shrink, cluster sum, expand) is computed before the wait into
+// fp32 shared memory; after the wait only y is read, added to and written, so a chain of such
+// launches overlaps all but that last read-modify-write of y with the launch before.
 template <typename T, int MT>
 __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::cluster_group& cluster,
                              unsigned char* smem) {
@@ -203,8 +218,10 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
   T* As = reinterpret_cast<T*>(smem);   // [RB][Kc]
   T* Bs = As + RB * Kc;                 // [RB][Nc]
   T* xs = Bs + RB * Nc;                 // [MT][Kc]
-  T* ys = xs + MT * Kc;                 // [MT][Nc]
-  float* part = reinterpret_cast<float*>(ys + MT * Nc);
+  T* ys = xs + MT * Kc;                 // [MT][Nc] (x_ready: the first rows' fp32 delta)
+  float* dl = reinterpret_cast<float*>(ys);
+  float* part = reinterpret_cast<float*>(smem + staged_y_offset(MT, Kc, Nc, RB, sizeof(T)) +
+                                         staged_y_bytes(MT, Nc, sizeof(T), p.x_ready));
   float* vfull = part + MT * kMaxRank;
   for (int i = tid; i < r * sl.nk8; i += kThreads) {
     const int j = i / sl.nk8, c = i % sl.nk8;
@@ -216,17 +233,22 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
   }
   cp_async_commit();
   TL_STAMP(p, 2);
-  pdl_wait();  // x and y may be written by the previous kernel
-  TL_STAMP(p, 3);
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  bool first = true;
+  bool first = true, waited = false;
+  if (!p.x_ready) {
+    pdl_wait();  // x and y may be written by the previous kernel
+    waited = true;
+    TL_STAMP(p, 3);
+  }
+  const int nn2 = sl.nn8 * 4;
   for (int row0 = sl.start; row0 < sl.end; row0 += MT) {
     const int mt = min(MT, sl.end - row0);
+    const bool early = !waited;  // this pass's delta is computed before the dependency wait
     for (int i = tid; i < mt * sl.nk8; i += kThreads) {
       const int m = i / sl.nk8, c = i % sl.nk8;
       cp_async16(xs + m * Kc + c * 8, x + int64_t(row0 + m) * p.x_stride + sl.k0 + c * 8, 16);
     }
-    for (int i = tid; p.accumulate && i < mt * sl.nn8; i += kThreads) {
+    for (int i = tid; !early && p.accumulate && i < mt * sl.nn8; i += kThreads) {
       const int m = i / sl.nn8, c = i % sl.nn8;
       cp_async16(ys + m * Nc + c * 8, sl.yrow + int64_t(row0 + m) * p.y_stride + c * 8, 16);
     }
@@ -241,7 +263,6 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
     reduce_cluster<T>(cluster, part, vfull, r, mt);
     TL_STAMP(p, 5);
     // expand: each thread owns column pairs of the slice (no rank split, no reduction)
-    const int nn2 = sl.nn8 * 4;
     for (int c2 = tid; c2 < nn2; c2 += kThreads) {
       float acc[MT][2];
 #pragma unroll
@@ -260,6 +281,10 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= mt) continue;
+        if (early) {  // kept for after the wait (each thread reads back its own columns)
+          reinterpret_cast<float2*>(dl + m * Nc)[c2] = make_float2(acc[m][0], acc[m][1]);
+          continue;
+        }
         const float2 cur = p.accumulate
                                ? to_float2(reinterpret_cast<const T2*>(ys + m * Nc)[c2])
                                : make_float2(0.f, 0.f);
@@ -269,8 +294,26 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
         reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride)[c2] = out;
       }
     }
+    if (early) {
+      pdl_wait();  // y may be read or written by the previous kernel
+      waited = true;
+      TL_STAMP(p, 3);
+      for (int c2 = tid; c2 < nn2; c2 += kThreads)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m >= mt) continue;
+          T2* dst = reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride) + c2;
+          const float2 cur = p.accumulate ? to_float2(*dst) : make_float2(0.f, 0.f);
+          const float2 d = reinterpret_cast<const float2*>(dl + m * Nc)[c2];
+          T2 out;
+          out.x = from_float<T>(cur.x + d.x);
+          out.y = from_float<T>(cur.y + d.y);
+          *dst = out;
+        }
+    }
     __syncthreads();  // xs, ys and vfull are reused by the next rows
   }
+  if (!waited) pdl_wait();  // no rows: still no exit before the previous kernel has finished
   cluster_wait();  // no CTA leaves while another may still read its partials
   TL_STAMP(p, 6);
 }
@@ -401,31 +444,52 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
 #endif
 }
 
-template <typename T, int MT>
-cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
-  auto kernel = lora_fused_kernel<T, MT>;
+// Cluster size, staged rank rows and shared memory of a launch (q.cluster 0 on failure).
+// Auto cluster size (p.cluster 0): at least lora_fused_cluster's, doubled (up to 8) until the
+// staged slices hold the pool's max rank rows, so that its jobs are staged whole rather than
+// streamed through registers; past 3 CTAs per SM only while not even min(16, max rank) rows
+// fit. Measured (H200, 7B, rank-16 pools, x_ready): q/k/v/o 4 CTAs a job, gate_up and down 8.
+// One CTA's slices must also fit its shared memory: very wide layers get a bigger cluster.
+// PUNICA_FUSED_STAGE_KB (diagnostics) overrides the staged slices' budget.
+FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, size_t* smem_out) {
   int most_rank = 1;
   for (int i = 0; i < p.num_proj; ++i) most_rank = max(most_rank, p.proj[i].max_rank);
   int dev = 0, smem_max = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     smem_max = 48 * 1024;
-  // One CTA's slices must fit its shared memory: very wide layers in few-CTA clusters get a
-  // bigger cluster (thinner slices).
+  static const char* env_kb = std::getenv("PUNICA_FUSED_STAGE_KB");
+  const size_t budget = env_kb && std::atoi(env_kb) > 0 ? size_t(std::atoi(env_kb)) << 10
+                                                         : kStageBudget;
+  const bool auto_c = p.cluster < 1;
   FusedParams q = p;
-  size_t smem = 0;
-  for (int C = p.cluster;; C *= 2) {
+  for (int C = auto_c ? lora_fused_cluster(p.seg.num_seg * p.num_proj, num_sms) : p.cluster;;
+       C *= 2) {
     q.cluster = C;
     const int kc = round8(ceil_div(p.in_features, C));
     q.n_pitch = 0;
     for (int i = 0; i < p.num_proj; ++i)
       q.n_pitch = max(q.n_pitch, round8(ceil_div(p.proj[i].out_features, C)));
-    const size_t fit = kStageBudget / (size_t(kc + q.n_pitch) * sizeof(T));
+    const size_t fit = budget / (size_t(kc + q.n_pitch) * elem);
     q.rank_block = int(fit < 1 ? 1 : (fit < size_t(most_rank) ? fit : size_t(most_rank)));
-    smem = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, int(sizeof(T)));
-    if (smem <= size_t(smem_max)) break;
-    if (C >= 16) return cudaErrorInvalidValue;
+    *smem_out = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, elem, p.x_ready);
+    const int items = p.seg.num_seg * p.num_proj;
+    const bool grow = auto_c && C < 8 && q.rank_block < most_rank &&
+                      (items * 2 * C <= 3 * num_sms || q.rank_block < min(16, most_rank));
+    if (*smem_out <= size_t(smem_max) && !grow) return q;
+    if (C >= 16) {
+      q.cluster = 0;
+      return q;
+    }
   }
+}
+
+template <typename T, int MT>
+cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
+  auto kernel = lora_fused_kernel<T, MT>;
+  size_t smem = 0;
+  const FusedParams q = fused_shape(p, MT, int(sizeof(T)), o.num_sms, &smem);
+  if (q.cluster < 1) return cudaErrorInvalidValue;
   const int C = q.cluster;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
@@ -455,8 +519,8 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
       }
       it = fits.emplace(smem, clusters).first;
     }
-    if (it->second < 1) {
-      if (p.cluster < 16) return cudaErrorInvalidValue;  // 16 was needed for shared memory
+    if (it->second < 1) {  // unless 16 was needed for shared memory, 8 it is
+      if (p.cluster != 16 && p.cluster != 0) return cudaErrorInvalidValue;
       FusedParams q8 = p;
       q8.cluster = 8;
       return launch_fused<T, MT>(q8, o);
@@ -472,19 +536,25 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
 
 }  // namespace
 
-// CTAs per (segment, projection). More CTAs per job spread its bytes over more SMs, but every
-// CTA of the launch should be resident at once (each issues all of its loads at entry; a second
-// wave would start its loads only when the first has finished): about 3 CTAs fit on an SM.
-// 8 (the portable cluster size) for a 32-row decode batch of one projection, 4 for q/k/v.
+// The fewest CTAs per (segment, projection) for auto cluster sizes (launch_fused may double it
+// so that the staged slices fit): enough CTAs for half the SMs at least, so that a few jobs
+// still spread their bytes (16 for one adapter), and no more, since fewer, larger CTAs keep
+// more launches resident at once (measured on an H200, 32 rank-16 jobs of 7B q/k/v/o: 4 CTAs
+// each 3.3 us a launch with x_ready, 8 CTAs 4.3 us; 4.7 and 5.0 us without).
 int lora_fused_cluster(int items, int num_sms) {
-  if (items * 16 <= num_sms) return 16;
-  for (int c = 8; c > 1; c /= 2)
-    if (items * c <= 3 * num_sms) return c;
-  return 1;
+  int c = 1;
+  while (c < 16 && 2 * items * c < num_sms) c *= 2;
+  return c;
+}
+
+int lora_fused_cluster_of(const FusedParams& p, int num_sms) {
+  size_t smem = 0;
+  const int MT = p.seg.num_rows <= p.seg.num_seg ? 1 : 4;
+  return fused_shape(p, MT, 2, num_sms, &smem).cluster;  // fp16 and bf16: 2 bytes
 }
 
 cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o) {
-  if (!o.vec || p.num_proj < 1 || p.num_proj > kMaxFusedProj || p.cluster < 1 || p.cluster > 16)
+  if (!o.vec || p.num_proj < 1 || p.num_proj > kMaxFusedProj || p.cluster < 0 || p.cluster > 16)
     return cudaErrorInvalidValue;
   const bool one_row = p.seg.num_rows <= p.seg.num_seg;  // a decode batch: 1-row segments
   if (dt == DType::kHalf)

@@ -82,10 +82,13 @@ struct FusedParams {
   int in_features;
   void* y;
   int64_t y_stride;
-  int cluster;                // CTAs per (segment, projection): 1..16
+  int cluster;                // CTAs per (segment, projection): 1..16, 0 = auto (fused kernel)
   int rank_block;             // rank rows whose weight slices are staged in shared memory
   int n_pitch;                // staged row length of b (the widest projection's column slice)
   bool accumulate;            // y += delta; false: y = delta (rows of inactive segments get 0)
+  bool x_ready;               // x is final before the launch starts (no kernel this one may
+                              // overlap through PDL writes it): the fused kernel computes the
+                              // delta before its dependency wait and waits only to touch y
 #ifdef PUNICA_TIMELINE       // diagnostic builds only (benchmarks/diag/fused_timeline.cu)
   unsigned long long* tl;     // [launches][grid][8] %globaltimer stamps
   int tl_launch;
@@ -109,8 +112,10 @@ int shrink_mma_ksplit(int num_rows, int in_features, int num_sms);
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
-// Fused decode kernel (sm_90; needs o.vec). cluster 0 picks the size.
+// Fused decode kernel (sm_90; needs o.vec). p.cluster 0 picks the size (at least
+// lora_fused_cluster's; more where the staged slices need it).
 int lora_fused_cluster(int items, int num_sms);
+int lora_fused_cluster_of(const FusedParams& p, int num_sms);  // the size p.cluster 0 gets
 cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o);
 
 // Streamed decode kernel (sm_90; needs o.vec): the same op on `ctas` CTAs (0: one per SM), each

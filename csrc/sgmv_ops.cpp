@@ -239,7 +239,7 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
 void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at::TensorList a,
               at::TensorList b, at::TensorList ranks, c10::IntArrayRef col_offsets,
               const at::Tensor& seg_indptr, const at::Tensor& slot_ids, int64_t layer, int64_t path,
-              int64_t cluster, bool pdl, bool accumulate, int64_t ctas) {
+              int64_t cluster, bool pdl, bool accumulate, int64_t ctas, bool x_ready) {
   const char* fn = "add_lora";
   TORCH_CHECK(x.is_cuda(), "punica::add_lora: x must be a CUDA tensor, got ", x.device());
   const at::Device dev = x.device();
@@ -322,8 +322,9 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
     prm.in_features = int(K);
     prm.y = y.data_ptr();
     prm.y_stride = y.stride(0);
-    prm.cluster = cluster > 0 ? int(cluster) : lora_fused_cluster(seg.num_seg * int(np), o.num_sms);
+    prm.cluster = int(cluster);  // 0: the fused kernel picks (the streamed one ignores it)
     prm.accumulate = accumulate;
+    prm.x_ready = x_ready;
     check_launch(fn, streamed ? lora_stream(dt, prm, int(ctas), tma, o) : lora_fused(dt, prm, o));
     return;
   }
@@ -341,7 +342,7 @@ TORCH_LIBRARY(punica, m) {
         "Tensor ranks, int layer, int col_offset=0, int path=0, bool pdl=True) -> ()");
   m.def("add_lora(Tensor(a!) y, Tensor x, Tensor(b!) v, Tensor[] a, Tensor[] b, Tensor[] ranks, "
         "int[] col_offsets, Tensor seg_indptr, Tensor slot_ids, int layer, int path=0, "
-        "int cluster=0, bool pdl=True, bool accumulate=True, int ctas=0) -> ()");
+        "int cluster=0, bool pdl=True, bool accumulate=True, int ctas=0, bool x_ready=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(punica, CUDA, m) {

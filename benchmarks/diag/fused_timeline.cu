@@ -54,7 +54,19 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(indptr, h_indptr.data(), (rows + 1) * 4, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(slot_ids, h_slots.data(), rows * 4, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(ranks, h_ranks.data(), slots * 4, cudaMemcpyHostToDevice));
-  const int cluster = lora_fused_cluster(rows, sms);
+  // env X_READY=1: the launches say x is ready (FusedParams::x_ready); CLUSTER=N: cluster size
+  const bool x_ready = std::getenv("X_READY") && std::atoi(std::getenv("X_READY")) != 0;
+  int cluster = std::getenv("CLUSTER") ? std::atoi(std::getenv("CLUSTER")) : 0;
+  if (cluster < 1) {  // the auto size of these launches
+    FusedParams p{};
+    p.seg = SegmentArgs{nullptr, nullptr, nullptr, rows, slots, rows, rank};
+    p.proj[0].max_rank = rank;
+    p.proj[0].out_features = fout;
+    p.num_proj = 1;
+    p.in_features = fin;
+    p.x_ready = x_ready;
+    cluster = lora_fused_cluster_of(p, sms);
+  }
   const int grid = stream ? std::max(1, std::min(stream_ctas, rows)) : rows * cluster;
   unsigned long long* tl;
   CHECK(cudaMalloc(&tl, size_t(launches) * grid * 8 * 8));
@@ -78,6 +90,7 @@ int main(int argc, char** argv) {
       p.y_stride = fout;
       p.cluster = cluster;
       p.accumulate = true;
+      p.x_ready = x_ready;
       p.tl = tl;
       p.tl_launch = l;
       const LaunchOptions o{s, sms, true, pdl != 0};
@@ -100,8 +113,8 @@ int main(int argc, char** argv) {
     CHECK(cudaEventElapsedTime(&ms, e0, e1));
     const double per = ms * 1e3 / reps / launches;
     const double bytes = double(rows) * rank * (fin + fout) * 2;
-    std::printf("\n== %s pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: %.2f us/launch, "
-                "%.0f GB/s on the weights\n", stream ? "stream" : "fused", pdl, rows, fin, fout,
+    std::printf("\n== %s%s pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: %.2f us/launch, "
+                "%.0f GB/s on the weights\n", stream ? "stream" : "fused", x_ready ? " x_ready" : "", pdl, rows, fin, fout,
                 rank, stream ? 0 : cluster, grid, per, bytes / per * 1e-3);
     std::vector<unsigned long long> h(size_t(launches) * grid * 8);
     CHECK(cudaMemcpy(h.data(), tl, h.size() * 8, cudaMemcpyDeviceToHost));

@@ -120,7 +120,8 @@ class LoraContext:
         with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
             self.apply(d, x, layer, projs, accumulate=False,     # d = delta: no zeroing
                        cluster=overlap_cluster(len(self._slots) * len(projs)),
-                       ctas=overlap_stream_ctas(projs, x.device))
+                       ctas=overlap_stream_ctas(projs, x.device),
+                       x_ready=self.side is not None)   # the side stream waited for x
         return d
 
     def base_projection(self, site: tuple[str, ...], delta: torch.Tensor | None):
@@ -144,11 +145,12 @@ class LoraContext:
         return delta
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, projs: tuple[str, ...],
-              accumulate: bool = True, cluster: int = 0, ctas: int = 0):
+              accumulate: bool = True, cluster: int = 0, ctas: int = 0, x_ready: bool = False):
         """out: [T, site_out] fused projection output; x: [T, in] its input. accumulate=False:
         out = the site's delta (every column of the site is written). cluster: the fused
         kernel's CTAs per (segment, projection), 0 = its own choice; ctas > 0: the streamed
-        kernel on that many CTAs instead (decode batches, sm_90)."""
+        kernel on that many CTAs instead (decode batches, sm_90). x_ready: x was final before
+        the launch (ops.add_lora)."""
         active = [p for p in projs if self.active.get(p)]
         if not accumulate and (self.small is not None or len(active) < len(projs)):
             out.zero_()     # these paths write only the active projections' windows
@@ -168,7 +170,7 @@ class LoraContext:
                         weights[p].ranks_list if self._lists else weights[p].ranks,
                         self.pool.col_offsets[p]) for p in active]
         ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer, accumulate,
-                     cluster, ctas, self.path)
+                     cluster, ctas, self.path, x_ready)
 
 
 def overlap_cluster(items: int) -> int:

@@ -13,9 +13,12 @@ launch; decode batches run memory-bound CUDA-core kernels, prefill chunks tensor
 add_lora runs shrink + expand of up to 4 projections as one fused launch for decode batches on
 sm_90 (thread-block clusters), else as a pair per projection.
 On sm_90 the decode kernels (add_lora's fused one too) use programmatic dependent launch: they
-may read seg_indptr, slot_ids, ranks and the weights before the kernel launched just before them on the stream has
-finished (never x, v or y). Those tensors must therefore not be written by the kernel launched
-immediately before the op; copies (H2D, cudaMemcpy) and anything earlier are fine.
+may read seg_indptr, slot_ids, ranks and the weights before the kernel launched just before them
+on the stream has finished (never x, v or y, unless add_lora is told x_ready). Those tensors
+must therefore not be written by a kernel the op may overlap: the kernel launched immediately
+before it, and, where that one is itself one of these decode kernels (each lets its successor
+start at its own start), the one before that, and so on back to the first other kernel;
+copies (H2D, cudaMemcpy) and anything before that are fine.
 Pass pdl=False to torch.ops.punica.* to switch it off.
 """
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _register_fakes() -> None:
         return None
 
     def add_lora_fake(y, x, v, a, b, ranks, col_offsets, seg_indptr, slot_ids, layer, path=0,
-                      cluster=0, pdl=True, accumulate=True, ctas=0):
+                      cluster=0, pdl=True, accumulate=True, ctas=0, x_ready=False):
         return None
 
     for name, fn in (("punica::sgmv_shrink", shrink_fake), ("punica::sgmv_expand", expand_fake),
@@ -136,7 +139,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, seg_indptr, s
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg_indptr, slot_ids,
              layer: int, accumulate: bool = True, cluster: int = 0, ctas: int = 0,
-             path: int = 0) -> torch.Tensor:
+             path: int = 0, x_ready: bool = False) -> torch.Tensor:
     """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
     (a, b, ranks, col_offset) in `projections` (1 to 4, all reading x); returns y.
     accumulate=False overwrites the windows instead (= rather than +=; rows without an adapter
@@ -145,6 +148,13 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg
     ctas > 0: decode batches on sm_90 run the streamed kernel on that many CTAs instead (for a
     launch beside a GEMM, on the SMs it leaves free). path: 0 auto; 3 fused, 4 / 5 streamed
     with bulk / cp.async copies, 1 / 2 the pair (tests, benchmarks).
+    x_ready: x obeys the same rule as the weights (not written by a kernel the op may overlap,
+    see the module's docstring), as when it was written before another kernel, or on another
+    stream the op's stream waited for. The fused kernel then computes the whole delta before
+    its dependency wait and waits only to read and write y, so a chain of launches on one
+    input (q, k and v as separate calls, or a benchmark's loop) overlaps all but that last step
+    of each launch with the one before. A wrong x_ready can read a stale x: keep it False
+    when unsure. The other kernels ignore it.
 
     One fused launch for decode batches on sm_90 (v untouched); otherwise a shrink + expand
     pair per projection through v ([n, >= max_rank]).
@@ -154,5 +164,6 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg
     torch.ops.punica.add_lora(y, x, v, list(a), list(b), [_index(r, dev) for r in ranks],
                               [int(o) for o in offs], _index(seg_indptr, dev),
                               _index(slot_ids, dev), int(layer), path=int(path),
-                              cluster=int(cluster), accumulate=accumulate, ctas=int(ctas))
+                              cluster=int(cluster), accumulate=accumulate, ctas=int(ctas),
+                              x_ready=bool(x_ready))
     return y

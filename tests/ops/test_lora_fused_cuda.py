@@ -83,13 +83,13 @@ def written(p):
     return mask
 
 
-def run(p, layer, path=AUTO, cluster=0, ctas=0):
+def run(p, layer, path=AUTO, cluster=0, ctas=0, accumulate=True, x_ready=False):
     y = p["y0"].clone()
     v = torch.full((y.shape[0], p["max_rank"]), NAN, dtype=y.dtype, device="cuda")
     torch.ops.punica.add_lora(y, p["x"], v, [q["a"] for q in p["projs"]],
                               [q["b"] for q in p["projs"]], [q["ranks_t"] for q in p["projs"]],
                               [q["off"] for q in p["projs"]], p["indptr_t"], p["slots_t"], layer,
-                              path, cluster, ctas=ctas)
+                              path, cluster, accumulate=accumulate, ctas=ctas, x_ready=x_ready)
     return y
 
 
@@ -357,3 +357,60 @@ def test_store_mode_overwrites_the_windows(kernels, path, ranks):
     assert torch.equal(y[windows & ~mask], torch.zeros_like(y[windows & ~mask]))
     err = ((y[mask].float() - want[mask]).norm() / want[mask].norm()).item()
     assert err < TOL[dtype], f"relative error of the delta {err:.2e}"
+
+
+# -- x_ready: the fused kernel computes the delta before its dependency wait --------------------
+@needs_hopper
+@pytest.mark.parametrize("ranks", [[16] * 5, [4, 8, 16, 64, 128]])     # staged and streamed
+@pytest.mark.parametrize("lens", [LENS, [2, 3, 4, 1, 8, 1, 0, 5]])     # decode, several rows
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("cluster", [0, 1, 16])
+def test_x_ready_gives_the_same_bits(kernels, ranks, lens, accumulate, cluster):
+    """Only where the work happens changes, not the sums or their rounding."""
+    p = make(torch.bfloat16, 4096, [4096, 1024, 1024], [ranks] * 3, SLOTS, lens)
+    want = run(p, 1, FUSED, cluster, accumulate=accumulate)
+    got = run(p, 1, FUSED, cluster, accumulate=accumulate, x_ready=True)
+    assert torch.equal(got, want)
+    check(p, 1, FUSED, cluster)
+
+
+def _chain(p, layers, x_ready, via_copy):
+    """A CUDA graph of add_lora launches on one y; via_copy: each launch's x is the previous
+    result, copied by a torch kernel (x is then final before the launch, as x_ready requires)."""
+    y = p["y0"].clone()
+    x = p["x"].clone()
+    v = torch.empty(y.shape[0], p["max_rank"], dtype=y.dtype, device="cuda")
+    args = ([q["a"] for q in p["projs"]], [q["b"] for q in p["projs"]],
+            [q["ranks_t"] for q in p["projs"]], [q["off"] for q in p["projs"]])
+    fin = x.shape[1]
+
+    def body():
+        for layer in layers:
+            if via_copy:
+                x.copy_(y[:, 8:8 + fin])
+            torch.ops.punica.add_lora(y, x, v, *args, p["indptr_t"], p["slots_t"], layer, FUSED,
+                                      x_ready=x_ready)
+
+    from helpers import capture_cuda_graph
+    graph = capture_cuda_graph(body)
+    y.copy_(p["y0"])
+    x.copy_(p["x"])
+    graph.replay()
+    torch.cuda.synchronize()
+    return y
+
+
+@needs_hopper
+@pytest.mark.parametrize("via_copy", [False, True])
+def test_x_ready_launches_still_wait_for_y(kernels, via_copy):
+    """40 launches back to back, each adding into the y the one before wrote (through PDL):
+    with x_ready every launch computes early but must still read y only after the one before
+    has finished; a missing wait would lose updates (the bits would differ from the chain
+    without x_ready)."""
+    p = make(torch.bfloat16, 4096, [4096], [[16] * 32], list(range(32)), [1] * 32, layers=4,
+             max_rank=16)
+    layers = [i % 4 for i in range(40)]
+    want = _chain(p, layers, False, via_copy)
+    got = _chain(p, layers, True, via_copy)
+    assert not torch.equal(want, p["y0"])
+    assert torch.equal(got, want)
