@@ -15,6 +15,7 @@
 #include <cooperative_groups.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <unordered_map>
 
 #include "sgmv_common.cuh"
@@ -46,8 +47,8 @@ __host__ __device__ constexpr size_t staged_y_offset(int MT, int kc, int nc, int
                                                      size_t elem) {
   return (size_t(rank_block) * (kc + nc) + size_t(MT) * kc) * elem;
 }
-__host__ __device__ constexpr size_t staged_y_bytes(int MT, int nc, size_t elem, bool x_ready) {
-  return size_t(MT) * nc * (x_ready ? sizeof(float) : elem);
+__host__ __device__ constexpr size_t staged_y_bytes(int MT, int nc, size_t elem, bool fp32) {
+  return size_t(MT) * nc * (fp32 ? sizeof(float) : elem);
 }
 __host__ __device__ constexpr size_t fused_smem_bytes(int MT, int kc, int nc, int rank_block,
                                                       int elem, bool x_ready) {
@@ -318,6 +319,120 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
   TL_STAMP(p, 6);
 }
 
+// Chunked path (rank > rank_block): the staged region (rank_block rows of both slices) becomes
+// a ring of two buffers that the rank rows of a (for the shrink) and then of b (for the expand)
+// pass through in blocks, every block requested two ahead by all threads' cp.async; the expand
+// sums into fp32 shared memory (each thread its own columns), so the sums keep the staged
+// path's order. x_ready as in the staged path: the first rows' delta before the wait.
+template <typename T, int MT>
+__device__ void fused_chunked(const FusedParams& p, const Slice<T>& sl, cg::cluster_group& cluster,
+                              unsigned char* smem) {
+  using T2 = typename Pair<T>::type;
+  const int tid = threadIdx.x, RB = p.rank_block, Kc = sl.Kc, Nc = p.n_pitch, r = sl.r;
+  T* ring = reinterpret_cast<T*>(smem);                 // [RB][Kc] + [RB][Nc], as two buffers
+  T* xs = ring + RB * (Kc + Nc);                        // [MT][Kc]
+  float* acc_s = reinterpret_cast<float*>(xs + MT * Kc);  // [MT][Nc]
+  float* part = reinterpret_cast<float*>(smem + staged_y_offset(MT, Kc, Nc, RB, sizeof(T)) +
+                                         staged_y_bytes(MT, Nc, sizeof(T), true));
+  float* vfull = part + MT * kMaxRank;
+  const int total = RB * (Kc + Nc), widest = max(Kc, Nc);
+  const int nbuf = total >= 2 * widest ? 2 : 1;
+  const int buf = (total / nbuf) & ~7;                   // elements per buffer, 16-byte rows
+  const int hA = buf / Kc, hB = buf / Nc;                // rank rows per block of a / of b
+  const int nA = ceil_div(r, hA), nt = nA + ceil_div(r, hB);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const int nn2 = sl.nn8 * 4;
+  auto issue = [&](int t) {  // block t into buffer t % nbuf (an empty group past the end)
+    if (t < nt) {
+      T* dst = ring + (t % nbuf) * buf;
+      const bool is_a = t < nA;
+      const int j0 = is_a ? t * hA : (t - nA) * hB;
+      const int rows = min(r - j0, is_a ? hA : hB), n8 = is_a ? sl.nk8 : sl.nn8;
+      const int pitch = is_a ? Kc : Nc;
+      const T* src = is_a ? sl.A + int64_t(j0) * sl.K : sl.B + int64_t(j0) * sl.N;
+      const int64_t stride = is_a ? sl.K : sl.N;
+      for (int i = tid; i < rows * n8; i += kThreads) {
+        const int j = i / n8, c = i % n8;
+        cp_async16(dst + j * pitch + c * 8, src + j * stride + c * 8, 16);
+      }
+    }
+    cp_async_commit();
+  };
+  bool first = true, waited = false;
+  for (int row0 = sl.start; row0 < sl.end; row0 += MT) {
+    const int mt = min(MT, sl.end - row0);
+    if (!first) cluster_wait();  // the cluster has finished reading the previous partials
+    __syncthreads();             // (and every thread is done with the ring and xs)
+    for (int t = 0; t < nbuf; ++t) issue(t);  // weights never depend on the previous kernel
+    if (first && !p.x_ready) {
+      pdl_wait();  // x and y may be written by the previous kernel
+      waited = true;
+    }
+    const bool early = !waited;
+    for (int i = tid; i < mt * sl.nk8; i += kThreads) {
+      const int m = i / sl.nk8, c = i % sl.nk8;
+      cp_async16(xs + m * Kc + c * 8, x + int64_t(row0 + m) * p.x_stride + sl.k0 + c * 8, 16);
+    }
+    cp_async_commit();
+    for (int c2 = tid; c2 < nn2; c2 += kThreads)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) reinterpret_cast<float2*>(acc_s + m * Nc)[c2] = make_float2(0.f, 0.f);
+    first = false;
+    for (int t = 0; t < nt; ++t) {
+      if (t == 0 || nbuf == 1) cp_async_wait<0>();
+      else cp_async_wait<1>();
+      __syncthreads();
+      const T* blk = ring + (t % nbuf) * buf;
+      if (t < nA) {
+        const int j0 = t * hA;
+        shrink_partial<T, MT, false>(part + j0, xs, Kc, blk, Kc, sl.nk8, min(r - j0, hA), mt);
+        if (t == nA - 1) reduce_cluster<T>(cluster, part, vfull, r, mt);
+      } else {
+        const int j0 = (t - nA) * hB, je = min(r, j0 + hB);
+        for (int c2 = tid; c2 < nn2; c2 += kThreads) {
+          float2 acc[MT];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) acc[m] = reinterpret_cast<const float2*>(acc_s + m * Nc)[c2];
+          const T2* bcol = reinterpret_cast<const T2*>(blk) + c2;
+#pragma unroll 4
+          for (int j = j0; j < je; ++j) {
+            const float2 w = to_float2(bcol[(j - j0) * (Nc / 2)]);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              const float vv = vfull[m * kMaxRank + j];
+              acc[m].x = fmaf(vv, w.x, acc[m].x);
+              acc[m].y = fmaf(vv, w.y, acc[m].y);
+            }
+          }
+#pragma unroll
+          for (int m = 0; m < MT; ++m) reinterpret_cast<float2*>(acc_s + m * Nc)[c2] = acc[m];
+        }
+      }
+      __syncthreads();  // the buffer is free again
+      issue(t + nbuf);
+    }
+    if (early) {
+      pdl_wait();  // y may be read or written by the previous kernel
+      waited = true;
+    }
+    for (int c2 = tid; c2 < nn2; c2 += kThreads)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m >= mt) continue;
+        T2* dst = reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride) + c2;
+        const float2 cur = p.accumulate ? to_float2(*dst) : make_float2(0.f, 0.f);
+        const float2 d = reinterpret_cast<const float2*>(acc_s + m * Nc)[c2];
+        T2 out;
+        out.x = from_float<T>(cur.x + d.x);
+        out.y = from_float<T>(cur.y + d.y);
+        *dst = out;
+      }
+  }
+  cp_async_wait<0>();         // the trailing empty groups
+  if (!waited) pdl_wait();    // no rows: still no exit before the previous kernel has finished
+  cluster_wait();             // no CTA leaves while another may still read its partials
+}
+
 // Streaming path (rank > rank_block): weights through registers from L2 (all of them
 // prefetched into L2 at entry), rank rows of the expand split among thread groups.
 template <typename T, int MT>
@@ -396,7 +511,11 @@ __device__ void fused_streamed(const FusedParams& p, const Slice<T>& sl, cg::clu
 
 #endif
 
-template <typename T, int MT>
+// LARGE: what a rank above the staged block (rank_block < the pools' max rank) takes: 0 none
+// (every rank fits), kLargeChunked or kLargeStreamed; one path per kernel keeps the registers
+// of each to itself (the staged-only kernels do not spill).
+constexpr int kLargeNone = 0, kLargeChunked = 1, kLargeStreamed = 2;
+template <typename T, int MT, int LARGE>
 __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(FusedParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -437,8 +556,10 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
   sl.end = g.end;
   sl.r = g.rank;
   // every CTA of a cluster has the same rank, so the whole cluster takes the same path
-  if (g.rank <= p.rank_block)
+  if (LARGE == kLargeNone || g.rank <= p.rank_block)  // kLargeNone: ranks are clamped to fit
     fused_staged<T, MT>(p, sl, cluster, smem_raw);
+  else if (LARGE == kLargeChunked)
+    fused_chunked<T, MT>(p, sl, cluster, smem_raw);
   else
     fused_streamed<T, MT>(p, sl, cluster, smem_raw);
 #endif
@@ -463,6 +584,10 @@ FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, siz
                                                          : kStageBudget;
   const bool auto_c = p.cluster < 1;
   FusedParams q = p;
+  // ranks above the staged block: the chunked path; PUNICA_FUSED_LARGE=streamed (diagnostics)
+  // the older streaming path through registers
+  static const char* env_large = std::getenv("PUNICA_FUSED_LARGE");
+  q.large_chunked = !(env_large && std::strcmp(env_large, "streamed") == 0);
   for (int C = auto_c ? lora_fused_cluster(p.seg.num_seg * p.num_proj, num_sms) : p.cluster;;
        C *= 2) {
     q.cluster = C;
@@ -472,7 +597,10 @@ FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, siz
       q.n_pitch = max(q.n_pitch, round8(ceil_div(p.proj[i].out_features, C)));
     const size_t fit = budget / (size_t(kc + q.n_pitch) * elem);
     q.rank_block = int(fit < 1 ? 1 : (fit < size_t(most_rank) ? fit : size_t(most_rank)));
-    *smem_out = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, elem, p.x_ready);
+    // the chunked path's fp32 sums need the y slice in fp32 too, whenever a rank can exceed
+    // the staged block
+    *smem_out = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, elem,
+                                 p.x_ready || (q.large_chunked && q.rank_block < most_rank));
     const int items = p.seg.num_seg * p.num_proj;
     const bool grow = auto_c && C < 8 && q.rank_block < most_rank &&
                       (items * 2 * C <= 3 * num_sms || q.rank_block < min(16, most_rank));
@@ -486,10 +614,17 @@ FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, siz
 
 template <typename T, int MT>
 cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
-  auto kernel = lora_fused_kernel<T, MT>;
   size_t smem = 0;
   const FusedParams q = fused_shape(p, MT, int(sizeof(T)), o.num_sms, &smem);
   if (q.cluster < 1) return cudaErrorInvalidValue;
+  int most_rank = 1;
+  for (int i = 0; i < p.num_proj; ++i) most_rank = max(most_rank, p.proj[i].max_rank);
+  const int large = q.rank_block >= most_rank ? kLargeNone
+                    : q.large_chunked             ? kLargeChunked
+                                                  : kLargeStreamed;
+  auto kernel = large == kLargeChunked    ? lora_fused_kernel<T, MT, kLargeChunked>
+                : large == kLargeStreamed ? lora_fused_kernel<T, MT, kLargeStreamed>
+                                          : lora_fused_kernel<T, MT, kLargeNone>;
   const int C = q.cluster;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
@@ -508,8 +643,9 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   if (C > 8) {  // a 16-CTA cluster must fit in one GPC next to this smem: else fall back to 8
-    static std::unordered_map<size_t, int> fits;  // smem bytes -> clusters of 16 that fit
-    auto it = fits.find(smem);
+    static std::unordered_map<size_t, int> fits;  // (smem bytes, kernel) -> clusters of 16 that fit
+    const size_t key = smem * 4 + size_t(large);
+    auto it = fits.find(key);
     if (it == fits.end()) {
       cfg.gridDim = dim3(C);
       int clusters = 0;
@@ -517,7 +653,7 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
         cudaGetLastError();
         clusters = 0;
       }
-      it = fits.emplace(smem, clusters).first;
+      it = fits.emplace(key, clusters).first;
     }
     if (it->second < 1) {  // unless 16 was needed for shared memory, 8 it is
       if (p.cluster != 16 && p.cluster != 0) return cudaErrorInvalidValue;
