@@ -7,6 +7,8 @@
 //  * shrink_mma_kernel (prefill, compute-bound): 128-row x 128-rank tiles on tensor cores, a
 //    3-stage cp.async pipeline over the input dimension, split-K across CTAs when the segments
 //    alone do not fill the GPU (fp32 atomics into a workspace, then a finalize kernel).
+#include <cstdlib>
+
 #include "sgmv_common.cuh"
 
 namespace punica {
@@ -304,7 +306,10 @@ cudaError_t shrink_simt(DType dt, const ShrinkParams& p, const LaunchOptions& o)
 
 // Enough K-slices that the work items fill the GPU's two CTAs per SM in one wave (a second,
 // partial wave would double the time), each slice at least 4 k-tiles long.
+// PUNICA_SHRINK_KSPLIT=N (diagnostics, read once) forces N slices (clamped to 1..k-tiles).
 int shrink_mma_ksplit(int num_rows, int in_features, int num_sms) {
+  static const char* env = std::getenv("PUNICA_SHRINK_KSPLIT");
+  if (env && std::atoi(env) > 0) return max(1, min(std::atoi(env), ceil_div(in_features, kBK)));
   const int mtiles = max(1, ceil_div(num_rows, kBM));
   const int most = max(1, ceil_div(in_features, kBK) / 4);
   return max(1, min(most, (2 * num_sms) / mtiles));
