@@ -172,6 +172,26 @@ __device__ __forceinline__ void shrink_partial(float* part, const T* xs, int Kc,
   }
 }
 
+// y[row0 + m, slice] (+)= delta[m] for m < mt: the fp32 delta of each thread's own column pairs
+// (shared memory, row pitch Nc), added to y's current value (accumulate) and rounded once.
+template <typename T, int MT>
+__device__ __forceinline__ void add_delta_rows(const FusedParams& p, const Slice<T>& sl,
+                                               const float* delta, int Nc, int row0, int mt) {
+  using T2 = typename Pair<T>::type;
+  for (int c2 = threadIdx.x; c2 < sl.nn8 * 4; c2 += kThreads)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mt) continue;
+      T2* dst = reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride) + c2;
+      const float2 cur = p.accumulate ? to_float2(*dst) : make_float2(0.f, 0.f);
+      const float2 d = reinterpret_cast<const float2*>(delta + m * Nc)[c2];
+      T2 out;
+      out.x = from_float<T>(cur.x + d.x);
+      out.y = from_float<T>(cur.y + d.y);
+      *dst = out;
+    }
+}
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // clusters exist from sm_90
 // The cluster's partials summed in rank order (deterministic) and rounded to T like v; then a
 // release-arrive that tells the others this CTA has finished reading their partials.
@@ -299,18 +319,7 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
       pdl_wait();  // y may be read or written by the previous kernel
       waited = true;
       TL_STAMP(p, 3);
-      for (int c2 = tid; c2 < nn2; c2 += kThreads)
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m >= mt) continue;
-          T2* dst = reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride) + c2;
-          const float2 cur = p.accumulate ? to_float2(*dst) : make_float2(0.f, 0.f);
-          const float2 d = reinterpret_cast<const float2*>(dl + m * Nc)[c2];
-          T2 out;
-          out.x = from_float<T>(cur.x + d.x);
-          out.y = from_float<T>(cur.y + d.y);
-          *dst = out;
-        }
+      add_delta_rows<T, MT>(p, sl, dl, Nc, row0, mt);
     }
     __syncthreads();  // xs, ys and vfull are reused by the next rows
   }
@@ -415,18 +424,7 @@ __device__ void fused_chunked(const FusedParams& p, const Slice<T>& sl, cg::clus
       pdl_wait();  // y may be read or written by the previous kernel
       waited = true;
     }
-    for (int c2 = tid; c2 < nn2; c2 += kThreads)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m >= mt) continue;
-        T2* dst = reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride) + c2;
-        const float2 cur = p.accumulate ? to_float2(*dst) : make_float2(0.f, 0.f);
-        const float2 d = reinterpret_cast<const float2*>(acc_s + m * Nc)[c2];
-        T2 out;
-        out.x = from_float<T>(cur.x + d.x);
-        out.y = from_float<T>(cur.y + d.y);
-        *dst = out;
-      }
+    add_delta_rows<T, MT>(p, sl, acc_s, Nc, row0, mt);
   }
   cp_async_wait<0>();         // the trailing empty groups
   if (!waited) pdl_wait();    // no rows: still no exit before the previous kernel has finished
