@@ -29,7 +29,7 @@ def test_waiting_requests_adapters_load_while_the_batch_is_full(make_engine, par
     assert e.pool.evictions >= 1       # r64_attn got a slot once r4_qv's request had finished
 
 
-def test_admission_loads_never_evict_what_requests_ahead_wait_for(make_engine, parity_adapters):
+def test_slot_loads_never_evict_what_requests_ahead_wait_for(make_engine, parity_adapters):
     """More waiting adapters than slots, with loads that take a step to land (as on a GPU): a
     later request's load must not evict the slot just loaded for a request ahead of it, else
     every step reloads the same adapters and nobody is admitted."""
