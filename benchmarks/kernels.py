@@ -15,6 +15,8 @@ Measured in one run:
     batched torch.bmm (weights pre-stacked per batch, not timed);
   * a decode batch mixing ranks 4, 8, 16, 64, 128 with no-adapter rows, against itself padded
     to rank 128 (our kernels and the padded bmm);
+  * the engine's launches per layer (q/k/v and gate/up as one add_lora call each, o, down):
+    32 rows, 32 distinct rank-16 adapters, with and without x_ready, and their sum per layer;
   * prefill: segments of 128..2048 rows (4096 rows in all), rank 16 and 64: TFLOP/s of shrink and
     expand against a dense torch.matmul of the same total shape (and torch.addmm_ for expand,
     which also reads y).
@@ -310,6 +312,71 @@ def launch_floor():
     return out
 
 
+def site_shapes(model):
+    """The engine's LoRA launches per layer: one add_lora per projection site."""
+    h, i = MODELS[model]
+    return {"qkv": (h, [h, h, h]), "o": (h, [h]), "gate_up": (h, [i, i]), "down": (i, [h])}
+
+
+def bench_site(fin, fouts, rows, rank):
+    """One add_lora call per site as the engine makes it (q/k/v or gate/up in one launch, each
+    projection its own pool), `rows` rows with as many distinct adapters, in a chain of calls
+    on one y (weights rotated past L2 as above); with and without x_ready."""
+    pools = [Pool(fin, fout, rank, [rank] * POOL_SLOTS) for fout in fouts]
+    offs = [sum(fouts[:k]) for k in range(len(fouts))]
+    real_bytes = rows * rank * sum(fin + fout for fout in fouts) * 2
+    calls = max(8, min(256, math.ceil(ROTATE_BYTES / real_bytes)))
+    g = torch.Generator().manual_seed(rows * 7 + len(fouts))
+    perm = torch.randperm(POOL_SLOTS, generator=g).tolist()
+    slots = [torch.tensor([perm[(c // POOL_LAYERS * rows + i) % POOL_SLOTS] for i in range(rows)],
+                          dtype=torch.int32, device="cuda") for c in range(calls)]
+    indptr = torch.arange(rows + 1, dtype=torch.int32, device="cuda")
+    x = torch.randn(rows, fin, device="cuda", dtype=DT)
+    y = torch.zeros(rows, sum(fouts), device="cuda", dtype=DT)
+    v = torch.zeros(rows, rank, device="cuda", dtype=DT)
+    a, b, ranks = [q.a for q in pools], [q.b for q in pools], [q.ranks for q in pools]
+
+    def ours(x_ready):
+        def body():
+            for c in range(calls):
+                torch.ops.punica.add_lora(y, x, v, a, b, ranks, offs, indptr, slots[c],
+                                          c % POOL_LAYERS, 0, 0, True, x_ready=x_ready)
+        return body
+    out = {"rows": rows, "adapters": rows, "rank": rank, "fin": fin, "fouts": fouts,
+           "adapter_bytes": real_bytes, "calls_per_graph": calls}
+    out["ours_s"], _ = time_graph(ours(False), calls)
+    out["ours_x_ready_s"], _ = time_graph(ours(True), calls)
+    del pools
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_sites(copy_bw):
+    """Llama-2-7B / 13B, 32 rows with 32 distinct rank-16 adapters, per site and per layer."""
+    results = []
+    for model in MODELS:
+        layer_t, layer_xr, layer_bytes = 0.0, 0.0, 0
+        for site, (fin, fouts) in site_shapes(model).items():
+            r = bench_site(fin, fouts, 32, 16)
+            r.update(model=model, site=site)
+            r["ours_frac_copy_bw"] = r["adapter_bytes"] / r["ours_s"] / copy_bw
+            r["ours_x_ready_frac_copy_bw"] = r["adapter_bytes"] / r["ours_x_ready_s"] / copy_bw
+            layer_t += r["ours_s"]
+            layer_xr += r["ours_x_ready_s"]
+            layer_bytes += r["adapter_bytes"]
+            results.append(r)
+            print(f"site {model[8:]:>4} {site:>7}: {r['ours_s'] * 1e6:6.1f} us "
+                  f"({100 * r['ours_frac_copy_bw']:3.0f}%), x_ready {r['ours_x_ready_s'] * 1e6:6.1f}"
+                  f" us ({100 * r['ours_x_ready_frac_copy_bw']:3.0f}%)", flush=True)
+        results.append({"model": model, "site": "layer", "adapter_bytes": layer_bytes,
+                        "ours_s": layer_t, "ours_x_ready_s": layer_xr,
+                        "ours_frac_copy_bw": layer_bytes / layer_t / copy_bw,
+                        "ours_x_ready_frac_copy_bw": layer_bytes / layer_xr / copy_bw})
+        print(f"site {model[8:]:>4}   layer: {100 * layer_bytes / layer_t / copy_bw:3.0f}%, x_ready "
+              f"{100 * layer_bytes / layer_xr / copy_bw:3.0f}%", flush=True)
+    return results
+
+
 def run_mixed(copy_bw):
     """Ranks 4, 8, 16, 64, 128 (6 adapters each) + 2 rows without an adapter; 32 rows."""
     results = []
@@ -554,6 +621,7 @@ def main():
     t0 = time.time()
     res["empty_pair_s"] = launch_floor()
     res["decode"] = run_decode(copy_bw, args.quick)
+    res["sites"] = run_sites(copy_bw)
     res["mixed"] = run_mixed(copy_bw)
     res["prefill"] = run_prefill(args.quick)
     res["acceptance"] = acceptance(res, copy_bw)
