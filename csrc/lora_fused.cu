@@ -51,10 +51,10 @@ __host__ __device__ constexpr size_t staged_y_bytes(int MT, int nc, size_t elem,
   return size_t(MT) * nc * (fp32 ? sizeof(float) : elem);
 }
 __host__ __device__ constexpr size_t fused_smem_bytes(int MT, int kc, int nc, int rank_block,
-                                                      int elem, bool x_ready) {
-  return (staged_y_offset(MT, kc, nc, rank_block, elem) + staged_y_bytes(MT, nc, elem, x_ready) >
+                                                      int elem, bool y_fp32) {
+  return (staged_y_offset(MT, kc, nc, rank_block, elem) + staged_y_bytes(MT, nc, elem, y_fp32) >
                   size_t(MT) * kc * elem + size_t(MT) * 8 * kThreads * sizeof(float)
-              ? staged_y_offset(MT, kc, nc, rank_block, elem) + staged_y_bytes(MT, nc, elem, x_ready)
+              ? staged_y_offset(MT, kc, nc, rank_block, elem) + staged_y_bytes(MT, nc, elem, y_fp32)
               : size_t(MT) * kc * elem + size_t(MT) * 8 * kThreads * sizeof(float)) +
          2 * size_t(MT) * kMaxRank * sizeof(float);
 }
@@ -563,6 +563,19 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
 #endif
 }
 
+int pools_max_rank(const FusedParams& p) {
+  int most = 1;
+  for (int i = 0; i < p.num_proj; ++i) most = max(most, p.proj[i].max_rank);
+  return most;
+}
+
+// Ranks above the staged block take the chunked path; PUNICA_FUSED_LARGE=streamed (diagnostics)
+// the older streaming path through registers.
+bool large_ranks_chunked() {
+  static const char* env = std::getenv("PUNICA_FUSED_LARGE");
+  return !(env && std::strcmp(env, "streamed") == 0);
+}
+
 // Cluster size, staged rank rows and shared memory of a launch (q.cluster 0 on failure).
 // Auto cluster size (p.cluster 0): at least lora_fused_cluster's, doubled (up to 8) until the
 // staged slices hold the pool's max rank rows, so that its jobs are staged whole rather than
@@ -571,8 +584,7 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
 // One CTA's slices must also fit its shared memory: very wide layers get a bigger cluster.
 // PUNICA_FUSED_STAGE_KB (diagnostics) overrides the staged slices' budget.
 FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, size_t* smem_out) {
-  int most_rank = 1;
-  for (int i = 0; i < p.num_proj; ++i) most_rank = max(most_rank, p.proj[i].max_rank);
+  const int most_rank = pools_max_rank(p);
   int dev = 0, smem_max = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
@@ -582,10 +594,6 @@ FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, siz
                                                          : kStageBudget;
   const bool auto_c = p.cluster < 1;
   FusedParams q = p;
-  // ranks above the staged block: the chunked path; PUNICA_FUSED_LARGE=streamed (diagnostics)
-  // the older streaming path through registers
-  static const char* env_large = std::getenv("PUNICA_FUSED_LARGE");
-  q.large_chunked = !(env_large && std::strcmp(env_large, "streamed") == 0);
   for (int C = auto_c ? lora_fused_cluster(p.seg.num_seg * p.num_proj, num_sms) : p.cluster;;
        C *= 2) {
     q.cluster = C;
@@ -598,7 +606,7 @@ FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, siz
     // the chunked path's fp32 sums need the y slice in fp32 too, whenever a rank can exceed
     // the staged block
     *smem_out = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, elem,
-                                 p.x_ready || (q.large_chunked && q.rank_block < most_rank));
+                                 p.x_ready || (large_ranks_chunked() && q.rank_block < most_rank));
     const int items = p.seg.num_seg * p.num_proj;
     const bool grow = auto_c && C < 8 && q.rank_block < most_rank &&
                       (items * 2 * C <= 3 * num_sms || q.rank_block < min(16, most_rank));
@@ -615,11 +623,9 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
   size_t smem = 0;
   const FusedParams q = fused_shape(p, MT, int(sizeof(T)), o.num_sms, &smem);
   if (q.cluster < 1) return cudaErrorInvalidValue;
-  int most_rank = 1;
-  for (int i = 0; i < p.num_proj; ++i) most_rank = max(most_rank, p.proj[i].max_rank);
-  const int large = q.rank_block >= most_rank ? kLargeNone
-                    : q.large_chunked             ? kLargeChunked
-                                                  : kLargeStreamed;
+  const int large = q.rank_block >= pools_max_rank(p) ? kLargeNone
+                    : large_ranks_chunked()              ? kLargeChunked
+                                                         : kLargeStreamed;
   auto kernel = large == kLargeChunked    ? lora_fused_kernel<T, MT, kLargeChunked>
                 : large == kLargeStreamed ? lora_fused_kernel<T, MT, kLargeStreamed>
                                           : lora_fused_kernel<T, MT, kLargeNone>;

@@ -89,8 +89,6 @@ struct FusedParams {
   bool x_ready;               // x is final before the launch starts (no kernel this one may
                               // overlap through PDL writes it): the fused kernel computes the
                               // delta before its dependency wait and waits only to touch y
-  bool large_chunked;         // set by lora_fused: ranks above rank_block pass through the
-                              // staged region in blocks (else through registers from L2)
 #ifdef PUNICA_TIMELINE       // diagnostic builds only (benchmarks/diag/fused_timeline.cu)
   unsigned long long* tl;     // [launches][grid][8] %globaltimer stamps
   int tl_launch;
