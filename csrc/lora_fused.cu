@@ -40,9 +40,9 @@ __host__ __device__ constexpr int round8(int v) { return (v + 7) & ~7; }
   } while (0)
 
 // Shared memory of one CTA: the larger of the staged path (a and b slices of rank_block rows,
-// x and y slices; with x_ready the y slice is the first rows' fp32 delta) and the streaming path
-// (x slice, the rank groups' partial sums); then the partial and full v. MT: rows of a segment
-// per pass (1 for decode batches, else 4).
+// x and y slices; y_fp32: the y slice as fp32 sums, for x_ready and the chunked path, which use
+// the same layout) and the streaming path (x slice, the rank groups' partial sums); then the
+// partial and full v. MT: rows of a segment per pass (1 for decode batches, else 4).
 __host__ __device__ constexpr size_t staged_y_offset(int MT, int kc, int nc, int rank_block,
                                                      size_t elem) {
   return (size_t(rank_block) * (kc + nc) + size_t(MT) * kc) * elem;
@@ -579,8 +579,8 @@ bool large_ranks_chunked() {
 // Cluster size, staged rank rows and shared memory of a launch (q.cluster 0 on failure).
 // Auto cluster size (p.cluster 0): at least lora_fused_cluster's, doubled (up to 8) until the
 // staged slices hold the pool's max rank rows, so that its jobs are staged whole rather than
-// streamed through registers; past 3 CTAs per SM only while not even min(16, max rank) rows
-// fit. Measured (H200, 7B, rank-16 pools, x_ready): q/k/v/o 4 CTAs a job, gate_up and down 8.
+// passed through in blocks (the chunked path); past 3 CTAs per SM only while not even
+// min(16, max rank) rows fit. Measured (H200, 7B, rank-16 pools, x_ready): q/k/v/o 4 CTAs a job, gate_up and down 8.
 // One CTA's slices must also fit its shared memory: very wide layers get a bigger cluster.
 // PUNICA_FUSED_STAGE_KB (diagnostics) overrides the staged slices' budget.
 FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, size_t* smem_out) {
