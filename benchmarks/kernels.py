@@ -575,9 +575,14 @@ def plot(res, path):
     labels = sorted({(r["rows"], r["adapters"]) for r in rows})
     width = 0.8 / 3
     for k, shape in enumerate(("qkvo", "gate_up", "down")):
-        vals = [next(r["ours_frac_copy_bw"] for r in rows if r["shape"] == shape
-                     and (r["rows"], r["adapters"]) == lab) * 100 for lab in labels]
-        ax.bar([i + (k - 1) * width for i in range(len(labels))], vals, width, label=shape)
+        sel = {(r["rows"], r["adapters"]): r for r in rows if r["shape"] == shape}
+        xs = [i + (k - 1) * width for i in range(len(labels))]
+        bars = ax.bar(xs, [sel[lab]["ours_frac_copy_bw"] * 100 for lab in labels], width,
+                      label=shape)
+        # x_ready (the same chain told that x is ready): the outline above each bar
+        ax.bar(xs, [sel[lab].get("ours_x_ready_frac_copy_bw", 0) * 100 for lab in labels], width,
+               fill=False, edgecolor=bars[0].get_facecolor(), lw=1,
+               label="outline: x_ready" if k == 0 else None)
     ax.axhline(70, color="k", ls="--", lw=1)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels([f"{r}r/{a}A" for r, a in labels], rotation=45)
