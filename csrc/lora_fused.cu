@@ -172,6 +172,23 @@ __device__ __forceinline__ void shrink_partial(float* part, const T* xs, int Kc,
   }
 }
 
+// acc[m] += sum_{j in [j0, je)} vfull[m][j] * B[j - j0][col pair], B's rows from bcol with a
+// pitch of pitch2 pairs: the expand of one column pair over a run of rank rows.
+template <typename T, int MT>
+__device__ __forceinline__ void expand_pair(float2 (&acc)[MT], const typename Pair<T>::type* bcol,
+                                            int pitch2, const float* vfull, int j0, int je) {
+#pragma unroll 4
+  for (int j = j0; j < je; ++j) {
+    const float2 w = to_float2(bcol[(j - j0) * pitch2]);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float vv = vfull[m * kMaxRank + j];
+      acc[m].x = fmaf(vv, w.x, acc[m].x);
+      acc[m].y = fmaf(vv, w.y, acc[m].y);
+    }
+  }
+}
+
 // y[row0 + m, slice] (+)= delta[m] for m < mt: the fp32 delta of each thread's own column pairs
 // (shared memory, row pitch Nc), added to y's current value (accumulate) and rounded once.
 template <typename T, int MT>
@@ -285,33 +302,23 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
     TL_STAMP(p, 5);
     // expand: each thread owns column pairs of the slice (no rank split, no reduction)
     for (int c2 = tid; c2 < nn2; c2 += kThreads) {
-      float acc[MT][2];
+      float2 acc[MT];
 #pragma unroll
-      for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = 0.f;
-      const T2* bcol = reinterpret_cast<const T2*>(Bs) + c2;
-#pragma unroll 4
-      for (int j = 0; j < r; ++j) {
-        const float2 w = to_float2(bcol[j * (Nc / 2)]);
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          const float vv = vfull[m * kMaxRank + j];
-          acc[m][0] = fmaf(vv, w.x, acc[m][0]);
-          acc[m][1] = fmaf(vv, w.y, acc[m][1]);
-        }
-      }
+      for (int m = 0; m < MT; ++m) acc[m] = make_float2(0.f, 0.f);
+      expand_pair<T, MT>(acc, reinterpret_cast<const T2*>(Bs) + c2, Nc / 2, vfull, 0, r);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m >= mt) continue;
         if (early) {  // kept for after the wait (each thread reads back its own columns)
-          reinterpret_cast<float2*>(dl + m * Nc)[c2] = make_float2(acc[m][0], acc[m][1]);
+          reinterpret_cast<float2*>(dl + m * Nc)[c2] = acc[m];
           continue;
         }
         const float2 cur = p.accumulate
                                ? to_float2(reinterpret_cast<const T2*>(ys + m * Nc)[c2])
                                : make_float2(0.f, 0.f);
         T2 out;
-        out.x = from_float<T>(cur.x + acc[m][0]);
-        out.y = from_float<T>(cur.y + acc[m][1]);
+        out.x = from_float<T>(cur.x + acc[m].x);
+        out.y = from_float<T>(cur.y + acc[m].y);
         reinterpret_cast<T2*>(sl.yrow + int64_t(row0 + m) * p.y_stride)[c2] = out;
       }
     }
@@ -402,17 +409,7 @@ __device__ void fused_chunked(const FusedParams& p, const Slice<T>& sl, cg::clus
           float2 acc[MT];
 #pragma unroll
           for (int m = 0; m < MT; ++m) acc[m] = reinterpret_cast<const float2*>(acc_s + m * Nc)[c2];
-          const T2* bcol = reinterpret_cast<const T2*>(blk) + c2;
-#pragma unroll 4
-          for (int j = j0; j < je; ++j) {
-            const float2 w = to_float2(bcol[(j - j0) * (Nc / 2)]);
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              const float vv = vfull[m * kMaxRank + j];
-              acc[m].x = fmaf(vv, w.x, acc[m].x);
-              acc[m].y = fmaf(vv, w.y, acc[m].y);
-            }
-          }
+          expand_pair<T, MT>(acc, reinterpret_cast<const T2*>(blk) + c2, Nc / 2, vfull, j0, je);
 #pragma unroll
           for (int m = 0; m < MT; ++m) reinterpret_cast<float2*>(acc_s + m * Nc)[c2] = acc[m];
         }
