@@ -560,6 +560,17 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
 #endif
 }
 
+// The fewest CTAs per (segment, projection) for auto cluster sizes (fused_shape may double it
+// so that the staged slices fit): enough CTAs for half the SMs at least, so that a few jobs
+// still spread their bytes (16 for one adapter), and no more, since fewer, larger CTAs keep
+// more launches resident at once (measured on an H200, 32 rank-16 jobs of 7B q/k/v/o: 4 CTAs
+// each 3.3 us a launch with x_ready, 8 CTAs 4.3 us; 4.7 and 5.0 us without).
+int lora_fused_cluster(int items, int num_sms) {
+  int c = 1;
+  while (c < 16 && 2 * items * c < num_sms) c *= 2;
+  return c;
+}
+
 int pools_max_rank(const FusedParams& p) {
   int most = 1;
   for (int i = 0; i < p.num_proj; ++i) most = max(most, p.proj[i].max_rank);
@@ -672,17 +683,6 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
 }
 
 }  // namespace
-
-// The fewest CTAs per (segment, projection) for auto cluster sizes (launch_fused may double it
-// so that the staged slices fit): enough CTAs for half the SMs at least, so that a few jobs
-// still spread their bytes (16 for one adapter), and no more, since fewer, larger CTAs keep
-// more launches resident at once (measured on an H200, 32 rank-16 jobs of 7B q/k/v/o: 4 CTAs
-// each 3.3 us a launch with x_ready, 8 CTAs 4.3 us; 4.7 and 5.0 us without).
-int lora_fused_cluster(int items, int num_sms) {
-  int c = 1;
-  while (c < 16 && 2 * items * c < num_sms) c *= 2;
-  return c;
-}
 
 int lora_fused_cluster_of(const FusedParams& p, int num_sms) {
   size_t smem = 0;

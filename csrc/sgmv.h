@@ -112,9 +112,7 @@ int shrink_mma_ksplit(int num_rows, int in_features, int num_sms);
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
-// Fused decode kernel (sm_90; needs o.vec). p.cluster 0 picks the size (at least
-// lora_fused_cluster's; more where the staged slices need it).
-int lora_fused_cluster(int items, int num_sms);
+// Fused decode kernel (sm_90; needs o.vec). p.cluster 0 picks the size.
 int lora_fused_cluster_of(const FusedParams& p, int num_sms);  // the size p.cluster 0 gets
 cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o);
 
