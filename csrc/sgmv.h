@@ -89,6 +89,8 @@ struct FusedParams {
   bool x_ready;               // x is final before the launch starts (no kernel this one may
                               // overlap through PDL writes it): the fused kernel computes the
                               // delta before its dependency wait and waits only to touch y
+  bool y_red;                 // set by the launcher (fused kernel): y += delta as L2
+                              // reductions of delta rounded to T (no read of y)
 #ifdef PUNICA_TIMELINE       // diagnostic builds only (benchmarks/diag/fused_timeline.cu)
   unsigned long long* tl;     // [launches][grid][8] %globaltimer stamps
   int tl_launch;

@@ -3,6 +3,7 @@
 // tensor-core helpers.
 // Pure CUDA (no torch headers), so the .cu files compile quickly.
 #pragma once
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -172,6 +173,23 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// y[pair] += d as one reduction at L2 (sm_90; red.global.add.noftz on f16x2 / bf16x2): no read
+// of y by the SM, so no round trip. d is rounded to T first (y + round(d), rounded: as torch's
+// bf16 `y += delta` does), one red per element per launch, so the result is deterministic.
+template <typename T>
+__device__ __forceinline__ void red_add_pair(typename Pair<T>::type* dst, float2 d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  typename Pair<T>::type v;
+  v.x = from_float<T>(d.x);
+  v.y = from_float<T>(d.y);
+  const uint32_t bits = *reinterpret_cast<const uint32_t*>(&v);
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile("red.global.add.noftz.f16x2 [%0], %1;" ::"l"(dst), "r"(bits) : "memory");
+  else
+    asm volatile("red.global.add.noftz.bf16x2 [%0], %1;" ::"l"(dst), "r"(bits) : "memory");
 #endif
 }
 
