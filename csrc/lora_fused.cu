@@ -302,6 +302,10 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
     first = false;
     __syncthreads();
     TL_STAMP(p, 4);
+#ifdef PUNICA_DIAG_LOADS_ONLY  // benchmarks/diag/fused_timeline.cu only: the copies, no math
+    if (!waited) pdl_wait();
+    return;
+#endif
     shrink_partial<T, MT, false>(part, xs, Kc, As, Kc, sl.nk8, r, mt);
     TL_STAMP(p, 7);
     reduce_cluster<T>(cluster, part, vfull, r, mt);

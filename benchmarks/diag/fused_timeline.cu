@@ -12,6 +12,8 @@
 // its weights and x/y have arrived, after the cluster reduction, at exit. Printed per launch
 // (relative to the first launch's first entry, in ns): when its CTAs start (first / median / last),
 // when their waits release, when their weights are in (median / last), when they end.
+// With -DPUNICA_DIAG_LOADS_ONLY the staged path stops once its copies have landed (then waits
+// for the previous launch and exits): the ceiling of this access pattern and launch chain.
 // Not part of the build or the tests; no torch.
 #include <algorithm>
 #include <cstdio>
