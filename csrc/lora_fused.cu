@@ -252,7 +252,7 @@ __device__ __forceinline__ void reduce_cluster(cg::cluster_group& cluster, float
 // cp.async here, on an H200.)
 // p.x_ready (x final before the launch, see FusedParams): the first rows' x is copied with the
 // weights and their whole delta (shrink, cluster sum, expand) is computed before the wait into
-// fp32 shared memory; after the wait only y is read, added to and written, so a chain of such
+// fp32 shared memory; after the wait only y is updated (add_delta_rows), so a chain of such
 // launches overlaps all but that last update of y with the launch before.
 template <typename T, int MT>
 __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::cluster_group& cluster,
