@@ -170,6 +170,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+async def _finished_results(streams, request: Request) -> list | None:
+    """_results, each checked to have finished (else the APIError that says why)."""
+    finals = await _results(streams, request)
+    for out in finals or ():
+        _check_finished(out)
+    return finals
+
+
 def _check_finished(out) -> None:
     if out.finish_reason == "error":
         raise APIError(500, out.error or "the request failed in the engine",
@@ -300,11 +308,9 @@ def build_router(state: ServerState) -> APIRouter:
         head = {"id": rid, "created": int(time.time()), "model": body.model}
 
         if not body.stream:
-            finals = await _results(streams, request)
+            finals = await _finished_results(streams, request)
             if finals is None:
                 return Response(status_code=499)   # nobody is listening
-            for out in finals:
-                _check_finished(out)
             return {**head, "object": "chat.completion",
                     "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
                                  "logprobs": None, "finish_reason": o.finish_reason}
@@ -348,11 +354,9 @@ def build_router(state: ServerState) -> APIRouter:
         num_prompt = sum(len(ids) for ids in prompt_ids)
 
         if not body.stream:
-            finals = await _results(streams, request)
+            finals = await _finished_results(streams, request)
             if finals is None:
                 return Response(status_code=499)   # nobody is listening
-            for out in finals:
-                _check_finished(out)
             return {**head,
                     "choices": [{"index": i, "text": o.text, "logprobs": None,
                                  "finish_reason": o.finish_reason}
