@@ -43,4 +43,4 @@ for name, (fin, fout) in K.shapes_of("llama-2-7b").items():
              (("auto", (0,)), ("fused", (3,)), ("fused_xr", (3, 0, True)),
               ("fused_c16", (3, 16)), ("mma_pair", (2,)))}
         print(f"{name:>7} rows={rows:>3} A={adapters:>2} ({per:>3}/seg) " +
-              "  ".join(f"{k} {v:6.1f}" for k, v in t.items()) + " us", flush=True)
+              "  ".join(f"{k} {us:6.1f}" for k, us in t.items()) + " us", flush=True)
