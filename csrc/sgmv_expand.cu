@@ -228,6 +228,23 @@ __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
       cp_async16(Ws + swz(k, c, kBN), ok ? wp + int64_t(k) * N + c : wp, ok ? 16 : 0);
     }
     cp_async_commit();
+    // Warm L2 with the y and w tiles of the item this CTA takes next, so that their loads hit L2
+    // while this item computes and stores (the loop has no cross-item pipeline otherwise). A
+    // hint (no data consumed); rows are 16-byte aligned on this path (vec).
+    if (t + int(gridDim.x) < total) {
+      const int tn = t + int(gridDim.x);
+      const int sn = find_segment(prefix, sa.num_seg, tn);
+      const Segment gn = load_segment(sa, sn);
+      const int ln = tn - prefix[sn];
+      const int m0n = gn.start + (ln / ntiles) * kBM, n0n = (ln % ntiles) * kBN;
+      const uint32_t bytes = uint32_t(min(kBN, N - n0n)) * uint32_t(sizeof(T));
+      if (tid < kBM) {
+        if (m0n + tid < gn.end)
+          prefetch_l2(y + p.col_offset + n0n + int64_t(m0n + tid) * p.y_stride, bytes);
+      } else if (tid - kBM < gn.rank) {
+        prefetch_l2(w + gn.slot * p.w_slot_stride + n0n + int64_t(tid - kBM) * N, bytes);
+      }
+    }
     cp_async_wait<0>();
     __syncthreads();
 
