@@ -250,8 +250,8 @@ __device__ __forceinline__ void reduce_cluster(cg::cluster_group& cluster, float
 // chain is one memory round trip, the shrink, a cluster barrier and the expand. (Bulk copies
 // issued by one warp, one per rank row, were measured 5-10% slower than the threads' 16-byte
 // cp.async here, on an H200.)
-// p.x_ready (x final before the launch, see FusedParams): the first rows' x is copied with the
-// weights and their whole delta (shrink, cluster sum, expand) is computed before the wait into
+// p.x_ready (x final before the launch, see FusedParams): the first rows' x is copied with a
+// (b follows as a second copy group) and their whole delta (shrink, cluster sum, expand) is computed before the wait into
 // fp32 shared memory; after the wait only y is updated (add_delta_rows), so a chain of such
 // launches overlaps all but that last update of y with the launch before.
 template <typename T, int MT>
