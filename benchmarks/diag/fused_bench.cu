@@ -20,6 +20,7 @@
 
 #include "cuda_check.cuh"
 #include "lora_fused.cu"   // -Icsrc (or another copy, for an A/B)
+#include "fused_diag.cuh"
 
 using namespace punica;
 
@@ -133,47 +134,21 @@ int main(int argc, char** argv) {
   cudaGraph_t graph;
   CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
   for (int l = 0; l < launches; ++l) {
-    FusedParams p{};
-    p.seg = SegmentArgs{indptr, slot_ids[l], ranks, rows, vslots, rows, job_rank};
-    if (split > 0)  // the layer is in the virtual slot id
-      p.proj[0] = FusedProj{a, b, int64_t(split) * fin, int64_t(split) * fout, ranks, vslots,
-                            split, fout, 0};
-    else
-      p.proj[0] = FusedProj{a + size_t(l % layers) * pool_rank * fin,
-                            b + size_t(l % layers) * pool_rank * fout,
-                            int64_t(layers) * pool_rank * fin, int64_t(layers) * pool_rank * fout,
-                            ranks, slots, pool_rank, fout, 0};
-    p.num_proj = 1;
-    p.x = x;
-    p.x_stride = fin;
-    p.in_features = fin;
-    p.y = y;
-    p.y_stride = fout;
-    p.cluster = cluster;
-    p.accumulate = true;
-    p.x_ready = x_ready;
+    const SegmentArgs seg{indptr, slot_ids[l], ranks, rows, vslots, rows, job_rank};
+    const FusedProj proj =
+        split > 0  // the layer is in the virtual slot id
+            ? FusedProj{a, b, int64_t(split) * fin, int64_t(split) * fout, ranks, vslots, split,
+                        fout, 0}
+            : FusedProj{a + size_t(l % layers) * pool_rank * fin,
+                        b + size_t(l % layers) * pool_rank * fout,
+                        int64_t(layers) * pool_rank * fin, int64_t(layers) * pool_rank * fout,
+                        ranks, slots, pool_rank, fout, 0};
+    const FusedParams p = one_projection(seg, proj, x, fin, y, fout, cluster, x_ready);
     const LaunchOptions o{s, sms, true, true};
     CHECK(lora_fused(DType::kBFloat16, p, o));
   }
   CHECK(cudaStreamEndCapture(s, &graph));
-  cudaGraphExec_t exec;
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int w = 0; w < 3; ++w) CHECK(cudaGraphLaunch(exec, s));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  std::vector<double> per;
-  for (int rep = 0; rep < 7; ++rep) {
-    CHECK(cudaEventRecord(e0, s));
-    for (int w = 0; w < 5; ++w) CHECK(cudaGraphLaunch(exec, s));
-    CHECK(cudaEventRecord(e1, s));
-    CHECK(cudaStreamSynchronize(s));
-    float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    per.push_back(ms * 1e3 / 5 / launches);
-  }
-  std::sort(per.begin(), per.end());
-  const double us = per[per.size() / 2];
+  const double us = us_per_launch(graph, s, launches, 5, 7);
   FusedParams shape{};
   shape.seg = SegmentArgs{nullptr, nullptr, nullptr, rows, vslots, rows, job_rank};
   shape.proj[0].max_rank = job_rank;

@@ -23,6 +23,7 @@
 #include "cuda_check.cuh"
 #include "lora_fused.cu"   // -Icsrc (or another copy, for an A/B)
 #include "lora_stream.cu"
+#include "fused_diag.cuh"
 #include <cstring>
 
 using namespace punica;
@@ -79,20 +80,12 @@ int main(int argc, char** argv) {
     cudaGraph_t graph;
     CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
     for (int l = 0; l < launches; ++l) {
-      FusedParams p{};
-      p.seg = SegmentArgs{indptr, slot_ids, ranks, rows, slots, rows, rank};
-      p.proj[0] = FusedProj{a + size_t(l % layers) * rank * fin, b + size_t(l % layers) * rank * fout,
-                            int64_t(layers) * rank * fin, int64_t(layers) * rank * fout, ranks,
-                            slots, rank, fout, 0};
-      p.num_proj = 1;
-      p.x = x;
-      p.x_stride = fin;
-      p.in_features = fin;
-      p.y = y;
-      p.y_stride = fout;
-      p.cluster = cluster;
-      p.accumulate = true;
-      p.x_ready = x_ready;
+      FusedParams p = one_projection(
+          SegmentArgs{indptr, slot_ids, ranks, rows, slots, rows, rank},
+          FusedProj{a + size_t(l % layers) * rank * fin, b + size_t(l % layers) * rank * fout,
+                    int64_t(layers) * rank * fin, int64_t(layers) * rank * fout, ranks, slots,
+                    rank, fout, 0},
+          x, fin, y, fout, cluster, x_ready);
       p.tl = tl;
       p.tl_launch = l;
       const LaunchOptions o{s, sms, true, pdl != 0};
@@ -101,19 +94,7 @@ int main(int argc, char** argv) {
     }
     CHECK(cudaStreamEndCapture(s, &graph));
     cudaGraphExec_t exec;
-    CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int w = 0; w < 3; ++w) CHECK(cudaGraphLaunch(exec, s));
-    cudaEvent_t e0, e1;
-    CHECK(cudaEventCreate(&e0));
-    CHECK(cudaEventCreate(&e1));
-    CHECK(cudaEventRecord(e0, s));
-    const int reps = 20;
-    for (int w = 0; w < reps; ++w) CHECK(cudaGraphLaunch(exec, s));
-    CHECK(cudaEventRecord(e1, s));
-    CHECK(cudaStreamSynchronize(s));
-    float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    const double per = ms * 1e3 / reps / launches;
+    const double per = us_per_launch(graph, s, launches, 20, 1, &exec);  // stamps: its last replay
     const double bytes = double(rows) * rank * (fin + fout) * 2;
     std::printf("\n== %s%s pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: %.2f us/launch, "
                 "%.0f GB/s on the weights\n", stream ? "stream" : "fused", x_ready ? " x_ready" : "", pdl, rows, fin, fout,
