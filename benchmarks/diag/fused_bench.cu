@@ -149,14 +149,10 @@ int main(int argc, char** argv) {
   }
   CHECK(cudaStreamEndCapture(s, &graph));
   const double us = us_per_launch(graph, s, launches, 5, 7);
-  FusedParams shape{};
-  shape.seg = SegmentArgs{nullptr, nullptr, nullptr, rows, vslots, rows, job_rank};
-  shape.proj[0].max_rank = job_rank;
-  shape.proj[0].out_features = fout;
-  shape.num_proj = 1;
-  shape.in_features = fin;
-  shape.x_ready = x_ready;
-  shape.cluster = cluster;
+  const FusedParams shape = one_projection(
+      SegmentArgs{nullptr, nullptr, nullptr, rows, vslots, rows, job_rank},
+      FusedProj{nullptr, nullptr, 0, 0, nullptr, vslots, job_rank, fout, 0}, nullptr, fin,
+      nullptr, fout, cluster, x_ready);
   const char* kb = std::getenv("PUNICA_FUSED_STAGE_KB");
   std::printf("%dx%d pool rank %d, %d segments as %d jobs (split %d), x_ready %d, cluster %d, "
               "stage budget %s KB: %.2f us a launch, %.0f GB/s on %.1f MB = %.0f%% of the copy "

@@ -60,16 +60,12 @@ int main(int argc, char** argv) {
   // env X_READY=1: the launches say x is ready (FusedParams::x_ready); CLUSTER=N: cluster size
   const bool x_ready = std::getenv("X_READY") && std::atoi(std::getenv("X_READY")) != 0;
   int cluster = std::getenv("CLUSTER") ? std::atoi(std::getenv("CLUSTER")) : 0;
-  if (cluster < 1) {  // the auto size of these launches
-    FusedParams p{};
-    p.seg = SegmentArgs{nullptr, nullptr, nullptr, rows, slots, rows, rank};
-    p.proj[0].max_rank = rank;
-    p.proj[0].out_features = fout;
-    p.num_proj = 1;
-    p.in_features = fin;
-    p.x_ready = x_ready;
-    cluster = lora_fused_cluster_of(p, sms);
-  }
+  if (cluster < 1)  // the auto size of these launches
+    cluster = lora_fused_cluster_of(
+        one_projection(SegmentArgs{nullptr, nullptr, nullptr, rows, slots, rows, rank},
+                       FusedProj{nullptr, nullptr, 0, 0, nullptr, slots, rank, fout, 0}, nullptr,
+                       fin, nullptr, fout, 0, x_ready),
+        sms);
   const int grid = stream ? std::max(1, std::min(stream_ctas, rows)) : rows * cluster;
   unsigned long long* tl;
   CHECK(cudaMalloc(&tl, size_t(launches) * grid * 8 * 8));
