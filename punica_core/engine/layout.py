@@ -77,15 +77,21 @@ class ScheduledChunk:
 
 
 def build_layout(chunks: list[ScheduledChunk], block_size: int, device,
-                 paged_prefill: bool = False) -> BatchLayout:
+                 paged_prefill: bool = False,
+                 one_row_decode_segments: bool = False) -> BatchLayout:
     """Rows are laid out in the order given; the scheduler sorts chunks by slot so that each
     adapter's rows are contiguous and form one SGMV segment. paged_prefill: also the prefill
-    chunks' tables for the paged prefill kernel (model/attention_prefill_triton.py)."""
+    chunks' tables for the paged prefill kernel (model/attention_prefill_triton.py).
+    one_row_decode_segments: a decode row with an adapter is a segment of its own even beside
+    rows of the same adapter, as in the decode graphs (for the CUDA kernels: more than 8 rows a segment take the
+    tensor-core pair, which runs one row tile split over K: 32 rows of one adapter took 16 us a
+    7B q/k/v/o projection against 4.7 us for 32 one-row segments of 32 adapters,
+    benchmarks/results/kernels_h200.json). The torch reference prefers them merged."""
     ids, pos, slots_map = [], [], []
     decode_rows, decode_ctx, decode_tables = [], [], []
     prefills: list[tuple[int, int, list[int], int]] = []
     logit_rows, indptr, seg_slots = [], [0], []
-    row = 0
+    row = prev_n = 0
     for c in chunks:
         n = len(c.token_ids)
         ids.extend(c.token_ids)
@@ -101,12 +107,14 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device,
             prefills.append((row, row + n, c.block_table, c.first_pos))
         if c.sample:
             logit_rows.append(row + n - 1)
-        if seg_slots and seg_slots[-1] == c.slot:
+        if seg_slots and seg_slots[-1] == c.slot and not (
+                one_row_decode_segments and c.slot >= 0 and (n == 1 or prev_n == 1)):
             indptr[-1] = row + n
         else:
             seg_slots.append(c.slot)
             indptr.append(row + n)
         row += n
+        prev_n = n
 
     def flat_index(table: list[int], ctx: int) -> torch.Tensor:
         p = torch.arange(ctx)

@@ -8,7 +8,7 @@ import torch
 from ..adapters.slots import SlotPool
 from ..model.kv_cache import KVCache
 from ..model.llama import LlamaModel
-from ..model.lora import LoraContext
+from ..model.lora import LoraContext, uses_lora_kernels
 from .cuda_graphs import DecodeGraphs
 from .layout import BatchLayout, build_layout
 from .mixed_graphs import MixedGraphs
@@ -55,7 +55,9 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> BatchLayout:
         return build_layout(batch.chunks, self.kv.block_size, self.model.device,
-                            paged_prefill=self.model.uses_paged_prefill())
+                            paged_prefill=self.model.uses_paged_prefill(),
+                            one_row_decode_segments=uses_lora_kernels(self.model.device,
+                                                                      self.model.dtype))
 
     def forward(self, layout: BatchLayout) -> torch.Tensor:
         """Logits [B, V] of the rows that sample."""

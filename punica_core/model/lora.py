@@ -47,6 +47,13 @@ SMALL_BATCH_MIN_SEGMENTS = 3
 SMALL_BATCH_MAX_ROWS = 64
 
 
+def uses_lora_kernels(device, dtype) -> bool:
+    """Whether LoraContext runs the CUDA kernels for this device and dtype (else the torch
+    reference)."""
+    return torch.device(device).type == "cuda" and dtype in ops.KERNEL_DTYPES \
+        and ops.cuda_ops() is not None
+
+
 class LoraContext:
     """Adds every row's adapter delta to a projection site's output: with the CUDA kernels one
     op per site (q/k/v, o, gate/up, down), fused into a single launch for decode batches.
@@ -65,8 +72,7 @@ class LoraContext:
         self.seg = segments
         # v: [T, max_rank] shrink output, shared by all projections (each reads its own :rank)
         self.v = torch.empty(num_rows, pool.max_rank, dtype=dtype, device=device)
-        kernels = torch.device(device).type == "cuda" and dtype in ops.KERNEL_DTYPES \
-            and ops.cuda_ops() is not None
+        kernels = uses_lora_kernels(device, dtype)
         # The CUDA kernels want device tensors; the torch reference wants Python ints (no
         # host sync per call).
         self._indptr = segments.indptr_t if kernels else segments.indptr
