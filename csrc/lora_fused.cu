@@ -251,8 +251,8 @@ __device__ __forceinline__ void reduce_cluster(cg::cluster_group& cluster, float
 // issued by one warp, one per rank row, were measured 5-10% slower than the threads' 16-byte
 // cp.async here, on an H200.)
 // p.x_ready (x final before the launch, see FusedParams): the first rows' x is copied with a
-// (b follows as a second copy group) and their whole delta (shrink, cluster sum, expand) is computed before the wait into
-// fp32 shared memory; after the wait only y is updated (add_delta_rows), so a chain of such
+// (b follows as a second copy group) and their whole delta (shrink, cluster sum, expand) is
+// computed before the wait into fp32 shared memory; after the wait only y is updated (add_delta_rows), so a chain of such
 // launches overlaps all but that last update of y with the launch before.
 template <typename T, int MT>
 __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::cluster_group& cluster,
@@ -274,7 +274,7 @@ __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::clust
   }
   // x_ready: the first rows' x travels with a, ahead of b, so that the shrink and the cluster
   // barrier (which waits for the cluster's slowest CTA) overlap b's landing (measured on an
-  // H200, 32 rank-16 jobs of 7B: 5-8% faster a launch than one group for all)
+  // H200, 32 rank-16 jobs of 7B: 3-6% faster a launch than one group for all)
   const bool b_late = p.x_ready && sl.start < sl.end;
   if (b_late) {
     const int mt = min(MT, sl.end - sl.start);

@@ -83,10 +83,10 @@ def build_layout(chunks: list[ScheduledChunk], block_size: int, device,
     adapter's rows are contiguous and form one SGMV segment. paged_prefill: also the prefill
     chunks' tables for the paged prefill kernel (model/attention_prefill_triton.py).
     one_row_decode_segments: a decode row with an adapter is a segment of its own even beside
-    rows of the same adapter, as in the decode graphs (for the CUDA kernels: more than 8 rows a segment take the
-    tensor-core pair, which runs one row tile split over K: 32 rows of one adapter took 16 us a
-    7B q/k/v/o projection against 4.7 us for 32 one-row segments of 32 adapters,
-    benchmarks/results/kernels_h200.json). The torch reference prefers them merged."""
+    rows of the same adapter, as in the decode graphs. For the CUDA kernels: segments of more
+    than 8 rows take the tensor-core pair, which runs one row tile split over K (32 rows of one
+    adapter took 16 us a 7B q/k/v/o projection against 4.7 us for 32 one-row segments of 32
+    adapters, benchmarks/results/kernels_h200.json). The torch reference prefers them merged."""
     ids, pos, slots_map = [], [], []
     decode_rows, decode_ctx, decode_tables = [], [], []
     prefills: list[tuple[int, int, list[int], int]] = []
