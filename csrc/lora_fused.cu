@@ -252,8 +252,9 @@ __device__ __forceinline__ void reduce_cluster(cg::cluster_group& cluster, float
 // cp.async here, on an H200.)
 // p.x_ready (x final before the launch, see FusedParams): the first rows' x is copied with a
 // (b follows as a second copy group) and their whole delta (shrink, cluster sum, expand) is
-// computed before the wait into fp32 shared memory; after the wait only y is updated (add_delta_rows), so a chain of such
-// launches overlaps all but that last update of y with the launch before.
+// computed before the wait into fp32 shared memory; after the wait only y is updated
+// (add_delta_rows), so a chain of such launches overlaps all but that last update of y with the
+// launch before.
 template <typename T, int MT>
 __device__ void fused_staged(const FusedParams& p, const Slice<T>& sl, cg::cluster_group& cluster,
                              unsigned char* smem) {
@@ -625,7 +626,8 @@ bool large_ranks_chunked() {
 // Auto cluster size (p.cluster 0): at least lora_fused_cluster's, doubled (up to 8) until the
 // staged slices hold the pool's max rank rows, so that its jobs are staged whole rather than
 // passed through in blocks (the chunked path); past 3 CTAs per SM only while not even
-// min(16, max rank) rows fit. Measured (H200, 7B, rank-16 pools, x_ready): q/k/v/o 4 CTAs a job, gate_up and down 8.
+// min(16, max rank) rows fit. Measured (H200, 7B, rank-16 pools, x_ready): q/k/v/o 4 CTAs a
+// job, gate_up and down 8.
 // One CTA's slices must also fit its shared memory: very wide layers get a bigger cluster.
 // PUNICA_FUSED_STAGE_KB (diagnostics) overrides the staged slices' budget.
 FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, size_t* smem_out) {

@@ -92,9 +92,10 @@ int main(int argc, char** argv) {
     cudaGraphExec_t exec;
     const double per = us_per_launch(graph, s, launches, 20, 1, &exec);  // stamps: its last replay
     const double bytes = double(rows) * rank * (fin + fout) * 2;
-    std::printf("\n== %s%s pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: %.2f us/launch, "
-                "%.0f GB/s on the weights\n", stream ? "stream" : "fused", x_ready ? " x_ready" : "", pdl, rows, fin, fout,
-                rank, stream ? 0 : cluster, grid, per, bytes / per * 1e-3);
+    std::printf("\n== %s%s pdl=%d rows=adapters=%d %dx%d rank %d cluster %d grid %d: "
+                "%.2f us/launch, %.0f GB/s on the weights\n", stream ? "stream" : "fused",
+                x_ready ? " x_ready" : "", pdl, rows, fin, fout, rank, stream ? 0 : cluster, grid,
+                per, bytes / per * 1e-3);
     std::vector<unsigned long long> h(size_t(launches) * grid * 8);
     CHECK(cudaMemcpy(h.data(), tl, h.size() * 8, cudaMemcpyDeviceToHost));
     unsigned long long t0 = ~0ull;
