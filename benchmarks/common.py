@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as `python benchmarks/x.py`, Python puts benchmarks/ first on sys.path, where kernels.py
+# shadows Hugging Face's `kernels` package, which transformers (5.x) imports when it is
+# installed ("cannot import name 'CUDAProperties' from 'kernels'"). The scripts import their
+# siblings as `benchmarks.*`, so benchmarks/ comes off the path and the repository root goes on.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 from punica_core import EngineConfig, SamplingParams  # noqa: E402
 from punica_core.adapters.random_adapter import ALL_PROJECTIONS, write_random_adapter  # noqa

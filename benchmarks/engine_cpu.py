@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks.common  # noqa: E402,F401  (takes benchmarks/ off sys.path: see there)
 
 from punica_core import Engine, EngineConfig, SamplingParams  # noqa: E402
 from punica_core.adapters.random_adapter import ALL_PROJECTIONS, make_peft_adapter  # noqa: E402

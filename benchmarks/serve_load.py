@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks.common  # noqa: E402,F401  (takes benchmarks/ off sys.path: see there)
 
 PROMPTS = ["Write a short story about a lighthouse keeper.",
            "Explain how a bicycle works to a child.",

@@ -556,7 +556,12 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
   TL_STAMP(p, 0);
   cg::cluster_group cluster = cg::this_cluster();
   const int C = int(cluster.num_blocks()), crank = int(cluster.block_rank());
-  const int item = blockIdx.x / C;
+  // part-major, the last part first: parts past their job's rank (most of them, in a pool of
+  // large ranks) leave at once at the start of the grid rather than at its end, where they would
+  // hold back the dependent launch (it starts once every CTA of this grid has started); part 0
+  // (the job's dependency wait, its inactive rows) comes last
+  const int jobs = p.seg.num_seg * p.num_proj;
+  const int part = p.split_parts - 1 - int(blockIdx.x / C / jobs), item = blockIdx.x / C % jobs;
   const int pi = item % p.num_proj, s = item / p.num_proj;
   const FusedProj pr = p.proj[pi];
   SegmentArgs sa = p.seg;
@@ -564,6 +569,10 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
   sa.num_slots = pr.num_slots;
   sa.max_rank = pr.max_rank;
   const Segment g = load_segment(sa, s);
+  const int j0 = part * p.split_rows;  // the part's first rank row
+  // a part past its job's rank leaves at once, without the dependency wait: it touches nothing
+  // (the whole cluster shares the part, so it leaves together)
+  if (part > 0 && (!g.active() || g.rank <= j0)) return;
   TL_STAMP(p, 1);
   Slice<T> sl;
   sl.K = p.in_features;
@@ -583,13 +592,13 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) lora_fused_kernel(F
                                   (i % sl.nn8) * 8) = make_uint4(0, 0, 0, 0);
     return;
   }
-  sl.A = static_cast<const T*>(pr.a) + g.slot * pr.a_slot_stride + sl.k0;
-  sl.B = static_cast<const T*>(pr.b) + g.slot * pr.b_slot_stride + n0;
+  sl.A = static_cast<const T*>(pr.a) + g.slot * pr.a_slot_stride + j0 * sl.K + sl.k0;
+  sl.B = static_cast<const T*>(pr.b) + g.slot * pr.b_slot_stride + j0 * sl.N + n0;
   sl.start = g.start;
   sl.end = g.end;
-  sl.r = g.rank;
+  sl.r = part == p.split_parts - 1 ? g.rank - j0 : min(p.split_rows, g.rank - j0);
   // every CTA of a cluster has the same rank, so the whole cluster takes the same path
-  if (LARGE == kLargeNone || g.rank <= p.rank_block)  // kLargeNone: ranks are clamped to fit
+  if (LARGE == kLargeNone || sl.r <= p.rank_block)  // kLargeNone: ranks are clamped to fit
     fused_staged<T, MT>(p, sl, cluster, smem_raw);
   else if (LARGE == kLargeChunked)
     fused_chunked<T, MT>(p, sl, cluster, smem_raw);
@@ -615,11 +624,38 @@ int pools_max_rank(const FusedParams& p) {
   return most;
 }
 
+// The ranks a launch is shaped for: the caller's bound where it is below the pools' max rank
+// (an eager step knows the ranks of its adapters: rank-16 adapters in a rank-64 pool then stage
+// 16 rows and run no empty parts).
+int shaped_max_rank(const FusedParams& p) {
+  const int most = pools_max_rank(p);
+  return p.rank_bound > 0 && p.rank_bound < most ? p.rank_bound : most;
+}
+
 // Ranks above the staged block take the chunked path; PUNICA_FUSED_LARGE=streamed (diagnostics)
 // the older streaming path through registers.
 bool large_ranks_chunked() {
   static const char* env = std::getenv("PUNICA_FUSED_LARGE");
   return !(env && std::strcmp(env, "streamed") == 0);
+}
+
+// Split jobs: with y accumulated by reductions, a job of a rank above this many rows runs as
+// parts of this many rank rows, each its own cluster (0: whole jobs). A mixed-rank batch is
+// otherwise as slow as its largest rank's jobs, staged through the chunked ring while the
+// small jobs' SMs idle. Measured on an H200 (7B, 32 rows of ranks 4..128 and no adapter,
+// kernels.py, runs of two sessions): 24-29% of the copy bandwidth whole, 51-58% split (x_ready
+// 37-43% -> 52-59%); rank 64: 51-63% -> 59-62% (x_ready 68-75% -> 66-71%; same call, gate/up
+// 72 -> 68%, the others even). Parts of 8 or 32 rows were slower
+// (benchmarks/results/diag/fused_bench_s15*_h200.txt). Costs: rows of such jobs get several
+// roundings of y in an order that varies (not bit-reproducible); parts past a job's rank still
+// launch (and leave at once): rank-16 adapters in a rank-128 pool, 7B MLP (clusters of 8):
+// 5.6 -> 10.1 us a launch, which rank_bound avoids for eager steps.
+// PUNICA_FUSED_SPLIT=0 keeps whole jobs; PUNICA_FUSED_SPLIT_ROWS=n (diagnostics): part size.
+int split_rows_wanted() {
+  static const char* off = std::getenv("PUNICA_FUSED_SPLIT");
+  static const char* rows = std::getenv("PUNICA_FUSED_SPLIT_ROWS");
+  if (off && std::strcmp(off, "0") == 0) return 0;
+  return rows && std::atoi(rows) > 0 ? std::atoi(rows) : 16;
 }
 
 // Cluster size, staged rank rows and shared memory of a launch (q.cluster 0 on failure).
@@ -631,7 +667,10 @@ bool large_ranks_chunked() {
 // One CTA's slices must also fit its shared memory: very wide layers get a bigger cluster.
 // PUNICA_FUSED_STAGE_KB (diagnostics) overrides the staged slices' budget.
 FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, size_t* smem_out) {
-  const int most_rank = pools_max_rank(p);
+  const int most_rank = shaped_max_rank(p);
+  // a job whose rank passes split_rows x split_parts (above the caller's bound) runs its last
+  // part's rows through the chunked ring
+  const int pool_rank = pools_max_rank(p);
   int dev = 0, smem_max = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
@@ -646,6 +685,11 @@ FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, siz
   // adding and writing it back. PUNICA_FUSED_Y=rmw (diagnostics) keeps the read-modify-write.
   static const char* env_y = std::getenv("PUNICA_FUSED_Y");
   q.y_red = !(env_y && std::strcmp(env_y, "rmw") == 0);
+  const int want_split = split_rows_wanted();
+  const bool split = want_split > 0 && p.accumulate && q.y_red && most_rank > want_split;
+  const int stage_rank = split ? want_split : most_rank;  // the rank rows a job stages at most
+  q.split_rows = stage_rank;
+  q.split_parts = ceil_div(most_rank, stage_rank);
   for (int C = auto_c ? lora_fused_cluster(p.seg.num_seg * p.num_proj, num_sms) : p.cluster;;
        C *= 2) {
     q.cluster = C;
@@ -654,14 +698,15 @@ FusedParams fused_shape(const FusedParams& p, int MT, int elem, int num_sms, siz
     for (int i = 0; i < p.num_proj; ++i)
       q.n_pitch = max(q.n_pitch, round8(ceil_div(p.proj[i].out_features, C)));
     const size_t fit = budget / (size_t(kc + q.n_pitch) * elem);
-    q.rank_block = int(fit < 1 ? 1 : (fit < size_t(most_rank) ? fit : size_t(most_rank)));
-    // the chunked path's fp32 sums need the y slice in fp32 too, whenever a rank can exceed
-    // the staged block
+    q.rank_block = int(fit < 1 ? 1 : (fit < size_t(stage_rank) ? fit : size_t(stage_rank)));
+    // the chunked path's fp32 sums need the y slice in fp32 too, whenever a rank (a part's,
+    // for split jobs) can exceed the staged block
+    const bool chunks = q.rank_block < stage_rank || q.split_parts * stage_rank < pool_rank;
     *smem_out = fused_smem_bytes(MT, kc, q.n_pitch, q.rank_block, elem,
-                                 p.x_ready || (large_ranks_chunked() && q.rank_block < most_rank));
+                                 p.x_ready || (large_ranks_chunked() && chunks));
     const int items = p.seg.num_seg * p.num_proj;
-    const bool grow = auto_c && C < 8 && q.rank_block < most_rank &&
-                      (items * 2 * C <= 3 * num_sms || q.rank_block < min(16, most_rank));
+    const bool grow = auto_c && C < 8 && q.rank_block < stage_rank &&
+                      (items * 2 * C <= 3 * num_sms || q.rank_block < min(16, stage_rank));
     if (*smem_out <= size_t(smem_max) && !grow) return q;
     if (C >= 16) {
       q.cluster = 0;
@@ -675,9 +720,9 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
   size_t smem = 0;
   const FusedParams q = fused_shape(p, MT, int(sizeof(T)), o.num_sms, &smem);
   if (q.cluster < 1) return cudaErrorInvalidValue;
-  const int large = q.rank_block >= pools_max_rank(p) ? kLargeNone
-                    : large_ranks_chunked()              ? kLargeChunked
-                                                         : kLargeStreamed;
+  const bool staged_only =  // every part's rank fits the staged block
+      q.rank_block >= q.split_rows && q.split_rows * q.split_parts >= pools_max_rank(p);
+  const int large = staged_only ? kLargeNone : large_ranks_chunked() ? kLargeChunked : kLargeStreamed;
   auto kernel = large == kLargeChunked    ? lora_fused_kernel<T, MT, kLargeChunked>
                 : large == kLargeStreamed ? lora_fused_kernel<T, MT, kLargeStreamed>
                                           : lora_fused_kernel<T, MT, kLargeNone>;
@@ -718,7 +763,7 @@ cudaError_t launch_fused(const FusedParams& p, const LaunchOptions& o) {
       return launch_fused<T, MT>(q8, o);
     }
   }
-  cfg.gridDim = dim3(p.seg.num_seg * p.num_proj * C);
+  cfg.gridDim = dim3(p.seg.num_seg * p.num_proj * C * q.split_parts);
   cfg.stream = o.stream;
   attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[1].val.programmaticStreamSerializationAllowed = 1;

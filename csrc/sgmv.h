@@ -36,8 +36,10 @@ struct ShrinkParams {
   const void* w;              // &a[0, layer, 0, 0]
   int64_t w_slot_stride;      // layers * max_rank * in_features
   int in_features;
-  float* ws;                  // split-K workspace [num_rows, ws_stride] fp32 (MMA path), or null
-  int64_t ws_stride;
+  float* ws;                  // split-K workspace fp32 (MMA path), or null: ws_planes planes of
+  int64_t ws_stride;          // [num_rows, ws_stride], one per K-slice (or one plane of atomic
+  int64_t ws_plane_stride;    // sums, zeroed by the caller: diagnostics)
+  int ws_planes;
   int ksplit;
 };
 
@@ -91,6 +93,13 @@ struct FusedParams {
                               // delta before its dependency wait and waits only to touch y
   bool y_red;                 // set by the launcher (fused kernel): y += delta as L2
                               // reductions of delta rounded to T (no read of y)
+  int rank_bound;             // the caller's bound on the segments' ranks (0: the pools' max
+                              // rank): the fused kernel's launch is shaped for it; a rank above
+                              // it still gives the right delta, on a slower path
+  int split_rows;             // set by the launcher (fused kernel): jobs of ranks above this
+  int split_parts;            // many rows run as split_parts parts of split_rows rank rows each
+                              // (1: whole jobs; the last part takes any rows past the others);
+                              // parts add their deltas to y by reductions
 #ifdef PUNICA_TIMELINE       // diagnostic builds only (benchmarks/diag/fused_timeline.cu)
   unsigned long long* tl;     // [launches][grid][8] %globaltimer stamps
   int tl_launch;
@@ -109,8 +118,11 @@ cudaError_t shrink_simt(DType dt, const ShrinkParams& p, const LaunchOptions& o)
 cudaError_t expand_simt(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
 // Compute-bound (prefill) kernels: tensor cores (mma.sync), cp.async pipelines. Need o.vec.
-// shrink_mma with p.ksplit > 1 accumulates into p.ws (zeroed by the caller) and then writes v.
+// shrink_mma with p.ksplit > 1 writes each K-slice's partial sums to its plane of p.ws (no
+// zeroing needed) and then sums the planes into v; shrink_mma_ws_planes(ksplit) planes (1: one
+// plane of fp32 atomics, zeroed by the caller).
 int shrink_mma_ksplit(int num_rows, int in_features, int num_sms);
+int shrink_mma_ws_planes(int ksplit);
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
 

@@ -168,6 +168,8 @@ void sgmv_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a,
   prm.in_features = int(K);
   prm.ws = nullptr;
   prm.ws_stride = 0;
+  prm.ws_plane_stride = 0;
+  prm.ws_planes = 0;
   prm.ksplit = 1;
   LaunchOptions o = launch_options(dev, vec, pdl);
   if (!use_mma(p, vec, x.size(0), seg.num_seg)) {
@@ -177,9 +179,13 @@ void sgmv_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a,
   prm.ksplit = shrink_mma_ksplit(seg.num_rows, prm.in_features, o.num_sms);
   at::Tensor ws;
   if (prm.ksplit > 1) {  // fp32 partial sums of the K-slices; the graph-safe caching allocator
-    ws = at::zeros({x.size(0), a.size(2)}, x.options().dtype(at::kFloat));
+    prm.ws_planes = shrink_mma_ws_planes(prm.ksplit);
+    const auto f32 = x.options().dtype(at::kFloat);
+    ws = prm.ws_planes > 1 ? at::empty({prm.ws_planes, x.size(0), a.size(2)}, f32)
+                           : at::zeros({1, x.size(0), a.size(2)}, f32);
     prm.ws = ws.data_ptr<float>();
     prm.ws_stride = a.size(2);
+    prm.ws_plane_stride = x.size(0) * a.size(2);
   }
   check_launch(fn, shrink_mma(dt, prm, o));
 }
@@ -239,7 +245,8 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
 void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at::TensorList a,
               at::TensorList b, at::TensorList ranks, c10::IntArrayRef col_offsets,
               const at::Tensor& seg_indptr, const at::Tensor& slot_ids, int64_t layer, int64_t path,
-              int64_t cluster, bool pdl, bool accumulate, int64_t ctas, bool x_ready) {
+              int64_t cluster, bool pdl, bool accumulate, int64_t ctas, bool x_ready,
+              int64_t rank_bound) {
   const char* fn = "add_lora";
   TORCH_CHECK(x.is_cuda(), "punica::add_lora: x must be a CUDA tensor, got ", x.device());
   const at::Device dev = x.device();
@@ -260,6 +267,8 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
               "2 (mma pair), 3 (fused), 4 (streamed, bulk copies) or 5 (streamed, cp.async)");
   TORCH_CHECK(cluster >= 0 && cluster <= 16, "punica::add_lora: cluster must be 0 (auto) .. 16");
   TORCH_CHECK(ctas >= 0 && ctas <= 4096, "punica::add_lora: ctas must be 0 (fused kernel) .. 4096");
+  TORCH_CHECK(rank_bound >= 0 && rank_bound <= kMaxRank, "punica::add_lora: rank_bound must be 0 "
+              "(the pools' max rank) .. ", num(kMaxRank), ", got ", num(rank_bound));
   check_rows(fn, x, "x");
   check_rows(fn, y, "y");
   check_rows(fn, v, "v");
@@ -325,6 +334,7 @@ void add_lora(const at::Tensor& y, const at::Tensor& x, const at::Tensor& v, at:
     prm.cluster = int(cluster);  // 0: the fused kernel picks (the streamed one ignores it)
     prm.accumulate = accumulate;
     prm.x_ready = x_ready;
+    prm.rank_bound = int(rank_bound);
     check_launch(fn, streamed ? lora_stream(dt, prm, int(ctas), tma, o) : lora_fused(dt, prm, o));
     return;
   }
@@ -342,7 +352,8 @@ TORCH_LIBRARY(punica, m) {
         "Tensor ranks, int layer, int col_offset=0, int path=0, bool pdl=True) -> ()");
   m.def("add_lora(Tensor(a!) y, Tensor x, Tensor(b!) v, Tensor[] a, Tensor[] b, Tensor[] ranks, "
         "int[] col_offsets, Tensor seg_indptr, Tensor slot_ids, int layer, int path=0, "
-        "int cluster=0, bool pdl=True, bool accumulate=True, int ctas=0, bool x_ready=False) -> ()");
+        "int cluster=0, bool pdl=True, bool accumulate=True, int ctas=0, bool x_ready=False, "
+        "int rank_bound=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(punica, CUDA, m) {

@@ -6,9 +6,11 @@
 //    reduction. 256 threads stream the rows with 16-byte loads, U iterations in flight.
 //  * shrink_mma_kernel (prefill, compute-bound): 128-row x 128-rank tiles on tensor cores, a
 //    3-stage cp.async pipeline over the input dimension, split-K across CTAs when the segments
-//    alone do not fill the GPU (fp32 atomics into a workspace, then a finalize kernel).
+//    alone do not fill the GPU (each K-slice stores its fp32 partial tile to its own plane of a
+//    workspace, then a finalize kernel sums the planes in slice order into v).
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "sgmv_common.cuh"
 
@@ -248,15 +250,18 @@ __global__ void __launch_bounds__(kThreads) shrink_mma_kernel(ShrinkParams p) {
           if (row >= g.end || col >= g.rank) continue;
           if (ksplit == 1)
             v[int64_t(row) * p.v_stride + col] = from_float<T>(acc[mi][ni][e]);
+          else if (p.ws_planes > 1)  // this slice's own plane: a plain store
+            p.ws[kp * p.ws_plane_stride + int64_t(row) * p.ws_stride + col] = acc[mi][ni][e];
           else
             atomicAdd(p.ws + int64_t(row) * p.ws_stride + col, acc[mi][ni][e]);
         }
   }
 }
 
-// Split-K: v[rows, :r] = ws[rows, :r]. The segment's rows x ranks as one flat range, 256
-// threads a CTA and a few elements a thread (one CTA per row of a segment, 128 threads of
-// which the rank's worked, took 5.4 us for 4096 x 64 on an H200: CTA launches, not bytes).
+// Split-K: v[rows, :r] = the sum of the planes' ws[rows, :r], in plane (K-slice) order. The
+// segment's rows x ranks as one flat range, 256 threads a CTA and a few elements a thread (one
+// CTA per row of a segment, 128 threads of which the rank's worked, took 5.4 us for 4096 x 64
+// on an H200: CTA launches, not bytes).
 constexpr int kFinalizeThreads = 256, kFinalizePerThread = 4;
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) shrink_finalize_kernel(ShrinkParams p) {
@@ -266,7 +271,10 @@ __global__ void __launch_bounds__(kFinalizeThreads) shrink_finalize_kernel(Shrin
   const int n = (g.end - g.start) * g.rank;
   for (int i = blockIdx.x * kFinalizeThreads + threadIdx.x; i < n; i += gridDim.x * kFinalizeThreads) {
     const int row = g.start + i / g.rank, col = i % g.rank;
-    v[int64_t(row) * p.v_stride + col] = from_float<T>(p.ws[int64_t(row) * p.ws_stride + col]);
+    const float* src = p.ws + int64_t(row) * p.ws_stride + col;
+    float sum = 0.f;
+    for (int q = 0; q < p.ws_planes; ++q) sum += src[q * p.ws_plane_stride];
+    v[int64_t(row) * p.v_stride + col] = from_float<T>(sum);
   }
 }
 
@@ -322,6 +330,15 @@ int shrink_mma_ksplit(int num_rows, int in_features, int num_sms) {
   const int mtiles = max(1, ceil_div(num_rows, kBM));
   const int most = max(1, ceil_div(in_features, kBK) / 4);
   return max(1, min(most, (2 * num_sms) / mtiles));
+}
+
+// A plane per K-slice rather than fp32 atomics into one zeroed plane: measured on an H200
+// (benchmarks/diag/prefill_ab.py, 4096 rows of 7B, 8 K-slices), rank 64 33 -> 27 us, rank 16
+// 20.8 -> 19.5 us, and the sums land in a fixed order. PUNICA_SHRINK_ATOMIC=1 (diagnostics)
+// keeps the single plane of atomics.
+int shrink_mma_ws_planes(int ksplit) {
+  static const char* env = std::getenv("PUNICA_SHRINK_ATOMIC");
+  return env && std::strcmp(env, "1") == 0 ? 1 : ksplit;
 }
 
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o) {

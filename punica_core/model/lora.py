@@ -175,8 +175,10 @@ class LoraContext:
         projections = [(weights[p].a, weights[p].b,
                         weights[p].ranks_list if self._lists else weights[p].ranks,
                         self.pool.col_offsets[p]) for p in active]
+        # the largest rank in use (an eager step's adapters; the pool's max rank in a graph)
+        # shapes the fused kernel's launch
         ops.add_lora(out, x, self.v, projections, self._indptr, self._slots, layer, accumulate,
-                     cluster, ctas, self.path, x_ready)
+                     cluster, ctas, self.path, x_ready, max(self.rank[p] for p in active))
 
 
 def overlap_cluster(items: int) -> int:

@@ -36,7 +36,8 @@ def sgmv_expand(y, v, b, seg_indptr, slot_ids, ranks, layer: int, col_offset: in
 
 
 def add_lora(y, x, v, projections, seg_indptr, slot_ids, layer: int, accumulate: bool = True,
-             cluster: int = 0, ctas: int = 0, path: int = 0, x_ready: bool = False):
+             cluster: int = 0, ctas: int = 0, path: int = 0, x_ready: bool = False,
+             rank_bound: int = 0):
     """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
     (a, b, ranks, col_offset) in `projections`, all reading x; v is the shrink's workspace
     ([n, >= max_rank]; the fused CUDA kernel does not touch it). accumulate=False: the
@@ -44,12 +45,12 @@ def add_lora(y, x, v, projections, seg_indptr, slot_ids, layer: int, accumulate:
     cluster: the fused CUDA kernel's CTAs per (segment, projection), 0 = its own choice.
     ctas > 0: the streamed CUDA kernel on that many CTAs (beside a GEMM), for decode batches.
     path: the CUDA kernels' choice (0 auto, 2 the tensor-core pair: see cuda_backend.add_lora);
-    x_ready: x was final before the op's launch (see cuda_backend.add_lora); the reference
-    ignores both."""
+    x_ready: x was final before the op's launch, rank_bound: no segment's rank exceeds it
+    (both: see cuda_backend.add_lora); the reference ignores path, x_ready and rank_bound."""
     ops = kernels_for(x)
     if ops is not None:
         return ops.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer, accumulate,
-                            cluster, ctas, path, x_ready)
+                            cluster, ctas, path, x_ready, rank_bound)
     return torch_ref.add_lora(y, x, v, projections, seg_indptr, slot_ids, layer, accumulate)
 
 

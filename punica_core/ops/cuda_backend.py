@@ -69,7 +69,8 @@ def _register_fakes() -> None:
         return None
 
     def add_lora_fake(y, x, v, a, b, ranks, col_offsets, seg_indptr, slot_ids, layer, path=0,
-                      cluster=0, pdl=True, accumulate=True, ctas=0, x_ready=False):
+                      cluster=0, pdl=True, accumulate=True, ctas=0, x_ready=False,
+                      rank_bound=0):
         return None
 
     for name, fn in (("punica::sgmv_shrink", shrink_fake), ("punica::sgmv_expand", expand_fake),
@@ -139,7 +140,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, seg_indptr, s
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg_indptr, slot_ids,
              layer: int, accumulate: bool = True, cluster: int = 0, ctas: int = 0,
-             path: int = 0, x_ready: bool = False) -> torch.Tensor:
+             path: int = 0, x_ready: bool = False, rank_bound: int = 0) -> torch.Tensor:
     """y[rows, off:off+out] += (x @ a[slot, layer, :r].T) @ b[slot, layer, :r] for each
     (a, b, ranks, col_offset) in `projections` (1 to 4, all reading x); returns y.
     accumulate=False overwrites the windows instead (= rather than +=; rows without an adapter
@@ -155,6 +156,10 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg
     input (q, k and v as separate calls, or a benchmark's loop) overlaps all but that last step
     of each launch with the one before. A wrong x_ready can read a stale x: keep it False
     when unsure. The other kernels ignore it.
+    rank_bound: no segment's rank exceeds it (0: unknown, the pools' max rank): the fused
+    kernel shapes its launch for it (an eager step of rank-16 adapters in a rank-64 pool stages
+    16 rank rows and launches no parts past them). A rank above it still gives the right
+    delta, on a slower path.
 
     One fused launch for decode batches on sm_90 (v untouched); otherwise a shrink + expand
     pair per projection through v ([n, >= max_rank]).
@@ -165,5 +170,5 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, projections, seg
                               [int(o) for o in offs], _index(seg_indptr, dev),
                               _index(slot_ids, dev), int(layer), path=int(path),
                               cluster=int(cluster), accumulate=accumulate, ctas=int(ctas),
-                              x_ready=bool(x_ready))
+                              x_ready=bool(x_ready), rank_bound=int(rank_bound))
     return y

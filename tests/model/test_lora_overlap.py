@@ -164,3 +164,40 @@ def test_a_step_with_a_long_segment_takes_the_pair_path_without_overlap():
     assert long.path == lora_model.PAIR_PATH and long.overlap is False
     short = ctx([0, 1, 2, 2 + lora_model.LONG_SEGMENT_ROWS])
     assert short.path == 0 and short.overlap is True
+
+
+def test_an_eager_step_bounds_the_kernels_ranks_by_its_adapters(monkeypatch):
+    """The op is told the largest rank of the step's adapters on the site's projections (the
+    fused kernel shapes its launch for it: rank-16 adapters in a rank-64 pool stage 16 rank
+    rows, with no parts past them); a graph's context gives the pool's max rank."""
+    from types import SimpleNamespace
+
+    from punica_core.engine.layout import LoraSegments
+    from punica_core.model import lora as lora_model
+
+    ranks = {"q_proj": [8, 16, 64], "v_proj": [4, 32, 0]}
+
+    class Pool:
+        max_rank, projections = 64, tuple(ranks)
+        weights = {p: SimpleNamespace(a=None, b=None, ranks=None, ranks_list=r)
+                   for p, r in ranks.items()}
+        col_offsets = {"q_proj": 0, "v_proj": 64}
+
+        def rank_of(self, p, slot):
+            return ranks[p][slot]
+
+    calls = []
+    monkeypatch.setattr(lora_model.ops, "add_lora", lambda *a: calls.append(a))
+
+    def bound(slots, projs):
+        seg = LoraSegments(list(range(len(slots) + 1)), slots, None, None)
+        ctx = lora_model.LoraContext(Pool(), seg, len(slots), torch.float32, "cpu")
+        ctx.apply(torch.zeros(len(slots), 128), torch.zeros(len(slots), 8), 0, projs)
+        return calls.pop()[-1]
+
+    assert bound([0, 1], ("q_proj", "v_proj")) == 32      # v's 32 beats q's 16
+    assert bound([0, 1], ("q_proj",)) == 16
+    assert bound([2, -1], ("q_proj", "v_proj")) == 64     # v is rank 0 there: q's 64
+    graph = lora_model.LoraContext.for_graph(Pool(), None, None, torch.zeros(2, 64))
+    graph.apply(torch.zeros(2, 128), torch.zeros(2, 8), 0, ("v_proj",))
+    assert calls.pop()[-1] == 64

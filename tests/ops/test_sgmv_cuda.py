@@ -125,13 +125,18 @@ SEG_SLOTS = [2, -1, 0, 3, 1, 0, -1, 2, 3]
 SEG_LENS = [1, 3, 0, 37, 1, 130, 0, 5, 1]
 
 
+# (rank, pool's max rank): pools of rank <= 64 take the tensor-core kernels' narrow tiles
+RANK_POOL = [(r, 128) for r in (1, 2, 3, 4, 8, 15, 16, 32, 64, 100, 128)] + \
+            [(r, pool) for r, pool in ((1, 8), (3, 16), (16, 16), (17, 48), (33, 64), (64, 64))]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rank", [1, 2, 3, 4, 8, 15, 16, 32, 64, 100, 128])
+@pytest.mark.parametrize("rank,pool", RANK_POOL)
 @pytest.mark.parametrize("path", [SIMT, MMA])
-def test_every_rank(kernels, dtype, rank, path):
+def test_every_rank(kernels, dtype, rank, pool, path):
     # sizes that are multiples of 8 but not of any tile (64, 128, 1024)
     p = make_problem(dtype, 1032, 1000, [rank, rank, 0, rank], SEG_SLOTS, SEG_LENS,
-                     max_rank=128, seed=rank)
+                     max_rank=pool, seed=rank)
     check_shrink(p, 1, path)
     check_expand(p, 1, path, col_offset=8, extra_cols=16)
 
@@ -140,14 +145,15 @@ def test_every_rank(kernels, dtype, rank, path):
 @pytest.mark.parametrize("path", [AUTO, SIMT, MMA])
 @pytest.mark.parametrize("fin,fout", [(576, 576), (4096, 4096), (4096, 11008), (5120, 13824),
                                       (28672, 8192), (8192, 28672)])
-def test_mixed_ranks_one_launch(kernels, dtype, path, fin, fout):
+@pytest.mark.parametrize("pool", [128, 64])
+def test_mixed_ranks_one_launch(kernels, dtype, path, fin, fout, pool):
     g = torch.Generator().manual_seed(fin + fout)
-    ranks = [4, 8, 16, 64, 128, 0, 1, 37]
+    ranks = [4, 8, 16, 64, 128, 0, 1, 37] if pool == 128 else [4, 8, 16, 64, 48, 0, 1, 37]
     n_seg = 24
     seg_slots = torch.randint(-1, len(ranks), (n_seg,), generator=g).tolist()
     seg_lens = torch.randint(0, 4, (n_seg,), generator=g).tolist()
     seg_lens[5] = 300   # one long segment among decode rows
-    p = make_problem(dtype, fin, fout, ranks, seg_slots, seg_lens, max_rank=128, seed=fin)
+    p = make_problem(dtype, fin, fout, ranks, seg_slots, seg_lens, max_rank=pool, seed=fin)
     check_shrink(p, 0, path)
     check_expand(p, 1, path, col_offset=0)
 
@@ -165,10 +171,22 @@ def test_decode_distinct_adapters(kernels, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fin,lens", [(4096, [2048, 700, 1]),      # split-K over the input dim
                                       (128, [1500, 2000, 900])])   # one K-slice: direct write
-def test_long_segments(kernels, dtype, fin, lens):
-    p = make_problem(dtype, fin, 4096, [64, 16, 128], [1, 0, 2], lens, max_rank=128, seed=fin)
+@pytest.mark.parametrize("ranks", [[64, 16, 128], [64, 16, 40]])     # wide and narrow tiles
+def test_long_segments(kernels, dtype, fin, lens, ranks):
+    p = make_problem(dtype, fin, 4096, ranks, [1, 0, 2], lens, max_rank=max(ranks), seed=fin)
     check_shrink(p, 0, AUTO)
     check_expand(p, 0, AUTO)
+
+
+def test_split_k_shrink_gives_the_same_bits_every_run(kernels):
+    """Split over the input dimension (4096 rows in 2 segments: 8 K-slices), each slice's
+    partial sums in its own workspace plane, summed in slice order: two runs agree bit for bit
+    (fp32 atomics into one plane would land in any order)."""
+    p = make_problem(torch.bfloat16, 4096, 256, [64, 16], [0, 1], [2048, 2048], seed=3)
+    first = check_shrink(p, 1, MMA)
+    for _ in range(3):
+        again, _ = run_shrink(p, 1, MMA)
+        assert torch.equal(torch.nan_to_num(again, 7.0), torch.nan_to_num(first, 7.0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
