@@ -125,7 +125,7 @@ SEG_SLOTS = [2, -1, 0, 3, 1, 0, -1, 2, 3]
 SEG_LENS = [1, 3, 0, 37, 1, 130, 0, 5, 1]
 
 
-# (rank, pool's max rank): pools of rank <= 64 take the tensor-core kernels' narrow tiles
+# (rank, pool's max rank): pools below 128 change the slot strides and the workspace widths
 RANK_POOL = [(r, 128) for r in (1, 2, 3, 4, 8, 15, 16, 32, 64, 100, 128)] + \
             [(r, pool) for r, pool in ((1, 8), (3, 16), (16, 16), (17, 48), (33, 64), (64, 64))]
 
@@ -171,7 +171,7 @@ def test_decode_distinct_adapters(kernels, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fin,lens", [(4096, [2048, 700, 1]),      # split-K over the input dim
                                       (128, [1500, 2000, 900])])   # one K-slice: direct write
-@pytest.mark.parametrize("ranks", [[64, 16, 128], [64, 16, 40]])     # wide and narrow tiles
+@pytest.mark.parametrize("ranks", [[64, 16, 128], [64, 16, 40]])     # pools of 128 and 64
 def test_long_segments(kernels, dtype, fin, lens, ranks):
     p = make_problem(dtype, fin, 4096, ranks, [1, 0, 2], lens, max_rank=max(ranks), seed=fin)
     check_shrink(p, 0, AUTO)
