@@ -111,6 +111,7 @@ struct LaunchOptions {
   int num_sms;
   bool vec;                   // every row start and size allows 16-byte accesses
   bool pdl;                   // programmatic dependent launch (sm_90)
+  int sm = 0;                 // compute capability, major * 10 + minor
 };
 
 // Memory-bound (decode) kernels: CUDA cores, 16-byte loads, many CTAs per adapter.
@@ -125,6 +126,15 @@ int shrink_mma_ksplit(int num_rows, int in_features, int num_sms);
 int shrink_mma_ws_planes(int ksplit);
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
+
+// Prefill kernels as memory pipelines (sm_90; need o.vec): prefill_pipe(o, shrink) says whether
+// the op runs them instead of the *_mma ones (by default the expand only; PUNICA_PREFILL=mma /
+// pipe: neither / both, for A/B runs). shrink_pipe splits the input dimension over a cluster
+// of shrink_pipe_split(...) CTAs (no workspace; p.ksplit is set by the launcher).
+bool prefill_pipe(const LaunchOptions& o, bool shrink);
+int shrink_pipe_split(int num_rows, int in_features, int resident_ctas, int bk);
+cudaError_t shrink_pipe(DType dt, const ShrinkParams& p, const LaunchOptions& o);
+cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
 // Fused decode kernel (sm_90; needs o.vec). p.cluster 0 picks the size.
 int lora_fused_cluster_of(const FusedParams& p, int num_sms);  // the size p.cluster 0 gets

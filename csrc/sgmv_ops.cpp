@@ -115,6 +115,7 @@ LaunchOptions launch_options(const at::Device& dev, bool vec, bool pdl) {
   o.num_sms = prop->multiProcessorCount;
   o.vec = vec;
   o.pdl = pdl && prop->major >= 9;  // programmatic dependent launch exists from sm_90
+  o.sm = prop->major * 10 + prop->minor;
   return o;
 }
 
@@ -176,6 +177,10 @@ void sgmv_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a,
     check_launch(fn, shrink_simt(dt, prm, o));
     return;
   }
+  if (prefill_pipe(o, true)) {
+    check_launch(fn, shrink_pipe(dt, prm, o));
+    return;
+  }
   prm.ksplit = shrink_mma_ksplit(seg.num_rows, prm.in_features, o.num_sms);
   at::Tensor ws;
   if (prm.ksplit > 1) {  // fp32 partial sums of the K-slices; the graph-safe caching allocator
@@ -230,7 +235,7 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
   prm.out_features = int(N);
   LaunchOptions o = launch_options(dev, vec, pdl);
   if (use_mma(p, vec, y.size(0), seg.num_seg))
-    check_launch(fn, expand_mma(dt, prm, o));
+    check_launch(fn, prefill_pipe(o, false) ? expand_pipe(dt, prm, o) : expand_mma(dt, prm, o));
   else
     check_launch(fn, expand_simt(dt, prm, o));
 }

@@ -127,7 +127,8 @@ SEG_LENS = [1, 3, 0, 37, 1, 130, 0, 5, 1]
 
 # (rank, pool's max rank): pools below 128 change the slot strides and the workspace widths
 RANK_POOL = [(r, 128) for r in (1, 2, 3, 4, 8, 15, 16, 32, 64, 100, 128)] + \
-            [(r, pool) for r, pool in ((1, 8), (3, 16), (16, 16), (17, 48), (33, 64), (64, 64))]
+            [(r, pool) for r, pool in ((1, 8), (3, 16), (16, 16), (20, 32), (17, 48), (33, 64),
+                                       (64, 64))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -398,6 +399,29 @@ def test_expand_rejects_bad_arguments(kernels, case, match):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("rows", [512, 1000, 2048])
+def test_split_k_shrink_every_slice_count(kernels, rows):
+    """Row counts that give different K-splits, with a long and two shorter segments."""
+    p = make_problem(torch.bfloat16, 4096, 512, [64, 16, 128], [1, 0, 2],
+                     [rows - 200, 150, 50], max_rank=128, seed=rows)
+    check_shrink(p, 0, MMA)
+    check_expand(p, 1, MMA)
+
+
+@pytest.mark.parametrize("mode", ["mma", "pipe"])
+def test_other_prefill_kernels_still_match(mode):
+    """PUNICA_PREFILL (read once per process): "mma" runs the expand on the sgmv_expand.cu
+    tensor-core kernel that sm_90 replaced with the pipelined one, "pipe" the shrink on the
+    pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's: the
+    sanitizer cases, in a child."""
+    import os
+    import subprocess
+    env = dict(os.environ, PUNICA_PREFILL=mode)
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "sanitizer cases done" in out.stdout, out.stderr[-2000:]
+
+
 def sanitizer_cases():
     """Small cases of every path (decode, prefill direct and split-K, element loads)."""
     from punica_core.ops import cuda_backend
@@ -414,6 +438,10 @@ def sanitizer_cases():
         check_expand(p, 0, AUTO, col_offset=3, extra_cols=5)
         p = make_problem(dtype, 128, 512, [64, 16, 128], [1, 0, 2], [300, 200, 1], max_rank=128)
         check_shrink(p, 0, MMA)
+        for pool, ranks in ((64, [64, 16, 40]), (16, [16, 3, 9])):  # split input, rank classes
+            p = make_problem(dtype, 4096, 520, ranks, [1, 0, 2], [700, 150, 50], max_rank=pool)
+            check_shrink(p, 0, MMA)
+            check_expand(p, 1, MMA)
     torch.cuda.synchronize()
     print("sanitizer cases done")
 
