@@ -160,6 +160,19 @@ __device__ __forceinline__ int find_segment(const int* prefix, int num_seg, int 
   return lo;
 }
 
+// Adds (a, b) in fp32 to the two adjacent elements at p (shared memory), rounding each once: the
+// tensor-core expands' y update of an accumulator fragment's column pair.
+template <typename T>
+__device__ __forceinline__ void add_pair_inplace(T* p, float a, float b) {
+  using T2 = typename Pair<T>::type;
+  T2* cell = reinterpret_cast<T2*>(p);
+  const float2 cur = to_float2(*cell);
+  T2 out;
+  out.x = from_float<T>(cur.x + a);
+  out.y = from_float<T>(cur.y + b);
+  *cell = out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Programmatic dependent launch (sm_90). A kernel lets the next one start at once; the next one
 // reads metadata and warms L2 with its weights while this one finishes, then waits for it

@@ -184,7 +184,6 @@ __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
   T* Ws = Vs + kTileElems;                       // [kMaxRank][kBN] swizzled
   T* Ys = Ws + kTileElems;                       // [kBM][kBN] swizzled
   int* prefix = reinterpret_cast<int*>(smem_raw + kMmaSmem);
-  using T2 = typename Pair<T>::type;
 
   const SegmentArgs& sa = p.seg;
   const int N = p.out_features, ntiles = ceil_div(N, kBN);
@@ -281,12 +280,7 @@ __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
         for (int h = 0; h < 2; ++h) {
           const int row = wm * 32 + mi * 16 + (lane >> 2) + h * 8;
           const int c = wn * 64 + ni * 8 + (lane & 3) * 2;
-          T2* cell = reinterpret_cast<T2*>(Ys + swz(row, c, kBN));
-          const float2 cur = to_float2(*cell);
-          T2 out;
-          out.x = from_float<T>(cur.x + acc[mi][ni][2 * h]);
-          out.y = from_float<T>(cur.y + acc[mi][ni][2 * h + 1]);
-          *cell = out;
+          add_pair_inplace(Ys + swz(row, c, kBN), acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }
     __syncthreads();
     for (int i = tid; i < kBM * (kBN / 8); i += kThreads) {

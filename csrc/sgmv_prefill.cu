@@ -90,7 +90,6 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* ring = reinterpret_cast<T*>(smem_raw);
   int* prefix = reinterpret_cast<int*>(ring + size_t(S) * kStageElems);
-  using T2 = typename Pair<T>::type;
 
   const SegmentArgs& sa = p.seg;
   const int N = p.out_features, ntiles = ceil_div(N, kBN);
@@ -227,12 +226,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
         for (int h = 0; h < 2; ++h) {
           const int row = wm * 32 + mi * 16 + (lane >> 2) + h * 8;
           const int c = wn * 32 + ni * 8 + (lane & 3) * 2;
-          T2* cell = reinterpret_cast<T2*>(ys + swz(row, c, kBN));
-          const float2 cur = to_float2(*cell);
-          T2 out;
-          out.x = from_float<T>(cur.x + acc[mi][ni][2 * h]);
-          out.y = from_float<T>(cur.y + acc[mi][ni][2 * h + 1]);
-          *cell = out;
+          add_pair_inplace(ys + swz(row, c, kBN), acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }
     __syncthreads();
     {
@@ -415,20 +409,38 @@ __global__ void __launch_bounds__(kThreads, KP >= 128 ? 2 : 3) shrink_pipe_kerne
 }
 
 // ------------------------------------------------------------------------------------------
-// Launchers. The rank class is the pool's stored rank rounded up to 16, 32, 64 or 128.
+// Launchers.
+// The work list's shared memory, in 1 KB steps (up to 255 segments: 1 KB), so that launches of
+// similar batches share one shared-memory size (and one cached occupancy).
+size_t prefix_bytes(int num_seg) {
+  return (size_t(num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024;
+}
+
+// CTAs of `kernel` a SM at `smem` bytes, asked once per (kernel, size): an occupancy query costs
+// microseconds of host time, which eager steps would pay per launch.
+template <typename Kernel>
+int cached_blocks_per_sm(Kernel kernel, size_t smem) {
+  static size_t last_smem = 0;  // per instantiation
+  static int last = 1;
+  if (smem != last_smem) {
+    last = blocks_per_sm(kernel, kThreads, smem);
+    last_smem = smem;
+  }
+  return last;
+}
+// The rank class is the pool's stored rank rounded up to 16, 32, 64 or 128.
 template <typename T, int KP, int kBN>
 cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o) {
   constexpr int kBM = kTileElems / kBN;
   auto kernel = expand_pipe_kernel<T, KP, kBN>;
   const int S = ring_slots(stages_for(size_t(kBM * kBN + KP * kBN) * sizeof(T)));
-  const size_t smem = size_t(S) * (kBM * kBN + KP * kBN) * sizeof(T) +
-                      size_t(p.seg.num_seg + 1) * sizeof(int);
+  const size_t smem = size_t(S) * (kBM * kBN + KP * kBN) * sizeof(T) + prefix_bytes(p.seg.num_seg);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   // the CTAs that fit at once, at most one per tile
   const int64_t tiles = (int64_t(ceil_div(p.seg.num_rows, kBM)) + p.seg.num_seg) *
                         ceil_div(p.out_features, kBN);
-  const int64_t resident = int64_t(o.num_sms) * blocks_per_sm(kernel, kThreads, smem);
+  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm(kernel, smem);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, resident)));
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, S);
 }
@@ -437,13 +449,11 @@ template <typename T, int KP, int kBK>
 cudaError_t launch_shrink(ShrinkParams p, const LaunchOptions& o) {
   auto kernel = shrink_pipe_kernel<T, KP, kBK>;
   const int S = ring_slots(stages_for(size_t(kBM * kBK + KP * kBK) * sizeof(T)));
-  const size_t smem = size_t(S) * (kBM * kBK + KP * kBK) * sizeof(T) +
-                      size_t(p.seg.num_seg + 1) * sizeof(int);
+  const size_t smem = size_t(S) * (kBM * kBK + KP * kBK) * sizeof(T) + prefix_bytes(p.seg.num_seg);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  static int occ = 0;  // per instantiation (the ring's size is read once)
-  if (occ == 0) occ = blocks_per_sm(kernel, kThreads, smem);
-  p.ksplit = shrink_pipe_split(p.seg.num_rows, p.in_features, o.num_sms * occ, kBK);
+  p.ksplit = shrink_pipe_split(p.seg.num_rows, p.in_features,
+                               o.num_sms * cached_blocks_per_sm(kernel, smem), kBK);
   const int units = ceil_div(p.seg.num_rows, kBM) + p.seg.num_seg;  // row blocks, at most
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
