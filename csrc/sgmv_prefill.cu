@@ -68,6 +68,16 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
   }
 }
 
+// Offset of (row, k) in a swizzled tile of ROW-element rows: swz's XOR of the 16-byte chunk with
+// row % 8 for rows of 8+ chunks; for rows of 4 chunks (32 elements), with (row / 2) % 4, which
+// keeps ldmatrix's eight rows and a fragment's eight rows on distinct banks there too.
+template <int ROW>
+__device__ __forceinline__ int swz_tile(int row, int k) {
+  static_assert(ROW == 32 || ROW % 64 == 0, "tile rows of 32 or a multiple of 64 elements");
+  if constexpr (ROW >= 64) return swz(row, k, ROW);
+  else return row * ROW + ((((k >> 3) ^ ((row >> 1) & 3))) << 3) + (k & 7);
+}
+
 // Two elements (k, k + 1) of a row of v as one A-fragment register; elements at or past the rank
 // and rows at or past `end` are zeros (never read).
 template <typename T>
@@ -144,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
 #pragma unroll
     for (int i = tid; i < kBM * CH; i += kThreads) {
       const int row = i / CH, c8 = (i % CH) * 8;
-      if (row < rows && n0 + c8 < N) cp_async16(ys + swz(row, c8, kBN), yt + int64_t(row) * p.y_stride + c8, 16);
+      if (row < rows && n0 + c8 < N) cp_async16(ys + swz_tile<kBN>(row, c8), yt + int64_t(row) * p.y_stride + c8, 16);
     }
     const int kp16 = min(KP, ceil_div(c.g.rank, 16) * 16);
     const T* wp = w + c.g.slot * p.w_slot_stride + n0;
@@ -152,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
       const int k = i / CH, c8 = (i % CH) * 8;
       if (n0 + c8 >= N) continue;
       const bool ok = k < c.g.rank;
-      cp_async16(ws + swz(k, c8, kBN), ok ? wp + int64_t(k) * N + c8 : wp, ok ? 16 : 0);
+      cp_async16(ws + swz_tile<kBN>(k, c8), ok ? wp + int64_t(k) * N + c8 : wp, ok ? 16 : 0);
     }
   };
 
@@ -209,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
         uint32_t bf[4];
-        ldmatrix_x4_trans(bf, ws + swz(ks * 16 + (lane & 15), wn * 32 + np * 16 + (lane >> 4) * 8, kBN));
+        ldmatrix_x4_trans(bf, ws + swz_tile<kBN>(ks * 16 + (lane & 15), wn * 32 + np * 16 + (lane >> 4) * 8));
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
           mma_16816<T>(acc[mi][2 * np], vf[mi][ks], bf[0], bf[1]);
@@ -226,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
         for (int h = 0; h < 2; ++h) {
           const int row = wm * 32 + mi * 16 + (lane >> 2) + h * 8;
           const int c = wn * 32 + ni * 8 + (lane & 3) * 2;
-          add_pair_inplace(ys + swz(row, c, kBN), acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+          add_pair_inplace(ys + swz_tile<kBN>(row, c), acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }
     __syncthreads();
     {
@@ -238,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
         const int row = i / CH, c8 = (i % CH) * 8;
         if (row < rows && n0 + c8 < N)
           *reinterpret_cast<uint4*>(yt + int64_t(row) * p.y_stride + c8) =
-              *reinterpret_cast<const uint4*>(ys + swz(row, c8, kBN));
+              *reinterpret_cast<const uint4*>(ys + swz_tile<kBN>(row, c8));
       }
     }
     const int rb = cc.rb, s = cc.s;
@@ -470,11 +480,11 @@ cudaError_t launch_shrink(ShrinkParams p, const LaunchOptions& o) {
   return cudaLaunchKernelEx(&cfg, kernel, p, S);
 }
 
-template <typename T>
+template <typename T, int kBN>
 cudaError_t expand_by_class(const ExpandParams& p, const LaunchOptions& o) {
   const int r = p.seg.max_rank;
-  return r <= 16 ? launch_expand<T, 16, 64>(p, o) : r <= 32 ? launch_expand<T, 32, 64>(p, o)
-         : r <= 64 ? launch_expand<T, 64, 64>(p, o) : launch_expand<T, 128, 64>(p, o);
+  return r <= 16 ? launch_expand<T, 16, kBN>(p, o) : r <= 32 ? launch_expand<T, 32, kBN>(p, o)
+         : r <= 64 ? launch_expand<T, 64, kBN>(p, o) : launch_expand<T, 128, kBN>(p, o);
 }
 
 template <typename T>
@@ -517,7 +527,15 @@ cudaError_t shrink_pipe(DType dt, const ShrinkParams& p, const LaunchOptions& o)
 
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o) {
   if (!o.vec || p.seg.max_rank > kMaxRank) return cudaErrorInvalidValue;
-  return dt == DType::kHalf ? expand_by_class<__half>(p, o) : expand_by_class<__nv_bfloat16>(p, o);
+  // PUNICA_EXPAND_BN=32 (diagnostics, read once; bf16): 256 x 32 tiles, so that each 64-rank-row
+  // b tile serves twice the rows (half the L2 reads of b per byte of y; y in 64-byte row pieces).
+  // Compiled and tested (test_sgmv_cuda.py runs the sanitizer cases with it), not yet timed.
+  static const bool narrow = [] {
+    const char* env = std::getenv("PUNICA_EXPAND_BN");
+    return env && std::atoi(env) == 32;
+  }();
+  if (dt == DType::kHalf) return expand_by_class<__half, 64>(p, o);
+  return narrow ? expand_by_class<__nv_bfloat16, 32>(p, o) : expand_by_class<__nv_bfloat16, 64>(p, o);
 }
 
 }  // namespace punica

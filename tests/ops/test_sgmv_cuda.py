@@ -408,15 +408,17 @@ def test_split_k_shrink_every_slice_count(kernels, rows):
     check_expand(p, 1, MMA)
 
 
-@pytest.mark.parametrize("mode", ["mma", "pipe"])
-def test_other_prefill_kernels_still_match(mode):
-    """PUNICA_PREFILL (read once per process): "mma" runs the expand on the sgmv_expand.cu
-    tensor-core kernel that sm_90 replaced with the pipelined one, "pipe" the shrink on the
-    pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's: the
-    sanitizer cases, in a child."""
+@pytest.mark.parametrize("knob", [("PUNICA_PREFILL", "mma"), ("PUNICA_PREFILL", "pipe"),
+                                  ("PUNICA_EXPAND_BN", "32")])
+def test_other_prefill_kernels_still_match(knob):
+    """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
+    tensor-core kernel that sm_90 replaced with the pipelined one, =pipe the shrink on the
+    pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's;
+    PUNICA_EXPAND_BN=32 the pipelined expand on 256 x 32 tiles (bf16). The sanitizer cases, in
+    a child."""
     import os
     import subprocess
-    env = dict(os.environ, PUNICA_PREFILL=mode)
+    env = dict(os.environ, **{knob[0]: knob[1]})
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "sanitizer cases done" in out.stdout, out.stderr[-2000:]
