@@ -160,19 +160,6 @@ __device__ __forceinline__ int find_segment(const int* prefix, int num_seg, int 
   return lo;
 }
 
-// Adds (a, b) in fp32 to the two adjacent elements at p (shared memory), rounding each once: the
-// tensor-core expands' y update of an accumulator fragment's column pair.
-template <typename T>
-__device__ __forceinline__ void add_pair_inplace(T* p, float a, float b) {
-  using T2 = typename Pair<T>::type;
-  T2* cell = reinterpret_cast<T2*>(p);
-  const float2 cur = to_float2(*cell);
-  T2 out;
-  out.x = from_float<T>(cur.x + a);
-  out.y = from_float<T>(cur.y + b);
-  *cell = out;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Programmatic dependent launch (sm_90). A kernel lets the next one start at once; the next one
 // reads metadata and warms L2 with its weights while this one finishes, then waits for it
@@ -344,6 +331,40 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 // `row_elems` elements (a multiple of 64).
 __device__ __forceinline__ int swz(int row, int k, int row_elems) {
   return row * row_elems + ((((k >> 3) ^ (row & 7))) << 3) + (k & 7);
+}
+
+// Offset of (row, k) in a swizzled tile of ROW-element rows: swz's XOR of the 16-byte chunk with
+// row % 8 for rows of 8+ chunks; for rows of 4 chunks (32 elements), with (row / 2) % 4, which
+// keeps ldmatrix's eight rows and a fragment's eight rows on distinct banks there too.
+template <int ROW>
+__device__ __forceinline__ int swz_tile(int row, int k) {
+  static_assert(ROW == 32 || ROW % 64 == 0, "tile rows of 32 or a multiple of 64 elements");
+  if constexpr (ROW >= 64) return swz(row, k, ROW);
+  else return row * ROW + ((((k >> 3) ^ ((row >> 1) & 3))) << 3) + (k & 7);
+}
+
+// tile += a warp's MMA accumulators: MI x NI fragments of 16 x 8 at (row0, col0) of a swizzled
+// shared-memory tile of ROW-element rows. Each thread adds its (row, column pair) cells in fp32
+// and rounds each once (the tensor-core expands' y update).
+template <typename T, int ROW, int MI, int NI>
+__device__ __forceinline__ void add_fragments(T* tile, const float (&acc)[MI][NI][4], int row0,
+                                              int col0, int lane) {
+  using T2 = typename Pair<T>::type;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + mi * 16 + (lane >> 2) + h * 8;
+        const int c = col0 + ni * 8 + (lane & 3) * 2;
+        T2* cell = reinterpret_cast<T2*>(tile + swz_tile<ROW>(row, c));
+        const float2 cur = to_float2(*cell);
+        T2 out;
+        out.x = from_float<T>(cur.x + acc[mi][ni][2 * h]);
+        out.y = from_float<T>(cur.y + acc[mi][ni][2 * h + 1]);
+        *cell = out;
+      }
 }
 
 // Launches `kernel` with PDL when asked (sm_90), else as a plain launch.

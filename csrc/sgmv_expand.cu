@@ -271,17 +271,7 @@ __global__ void __launch_bounds__(kThreads) expand_mma_kernel(ExpandParams p) {
       }
     }
 
-    // y += C in shared memory: each thread owns pairs (row, 2 adjacent columns) of its fragments.
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < 8; ++ni)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = wm * 32 + mi * 16 + (lane >> 2) + h * 8;
-          const int c = wn * 64 + ni * 8 + (lane & 3) * 2;
-          add_pair_inplace(Ys + swz(row, c, kBN), acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
-        }
+    add_fragments<T, kBN>(Ys, acc, wm * 32, wn * 64, lane);  // y += C in shared memory
     __syncthreads();
     for (int i = tid; i < kBM * (kBN / 8); i += kThreads) {
       const int row = i >> 4, c = (i & 15) * 8;

@@ -68,16 +68,6 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
   }
 }
 
-// Offset of (row, k) in a swizzled tile of ROW-element rows: swz's XOR of the 16-byte chunk with
-// row % 8 for rows of 8+ chunks; for rows of 4 chunks (32 elements), with (row / 2) % 4, which
-// keeps ldmatrix's eight rows and a fragment's eight rows on distinct banks there too.
-template <int ROW>
-__device__ __forceinline__ int swz_tile(int row, int k) {
-  static_assert(ROW == 32 || ROW % 64 == 0, "tile rows of 32 or a multiple of 64 elements");
-  if constexpr (ROW >= 64) return swz(row, k, ROW);
-  else return row * ROW + ((((k >> 3) ^ ((row >> 1) & 3))) << 3) + (k & 7);
-}
-
 // Two elements (k, k + 1) of a row of v as one A-fragment register; elements at or past the rank
 // and rows at or past `end` are zeros (never read).
 template <typename T>
@@ -227,17 +217,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
         }
       }
     }
-    // y += C in shared memory, each thread its fragments' (row, column pair) cells
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = wm * 32 + mi * 16 + (lane >> 2) + h * 8;
-          const int c = wn * 32 + ni * 8 + (lane & 3) * 2;
-          add_pair_inplace(ys + swz_tile<kBN>(row, c), acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
-        }
+    add_fragments<T, kBN>(ys, acc, wm * 32, wn * 32, lane);  // y += C in shared memory
     __syncthreads();
     {
       const int m0 = cc.g.start + cc.rb * kBM, n0 = cc.ct * kBN;
