@@ -196,13 +196,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
     T* ys = ring + slot * kStageElems;
     const T* ws = ys + kYElems;
     const int kp16 = ceil_div(cc.g.rank, 16);
-    float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    float acc[2][4][4] = {};
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       if (ks >= kp16) break;
@@ -297,13 +291,7 @@ __global__ void __launch_bounds__(kThreads, KP >= 128 ? 2 : 3) shrink_pipe_kerne
     }
   };
 
-  float acc[MI][2 * NP][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 2 * NP; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+  float acc[MI][2 * NP][4] = {};
 
   for (int st = 0; st < S - 1; ++st) {
     if (st < nk) issue(st, kt0 + st);
