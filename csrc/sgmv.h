@@ -132,7 +132,7 @@ cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
 // pipe: neither / both, for A/B runs). shrink_pipe splits the input dimension over a cluster
 // of shrink_pipe_split(...) CTAs (no workspace; p.ksplit is set by the launcher).
 bool prefill_pipe(const LaunchOptions& o, bool shrink);
-int shrink_pipe_split(int num_rows, int in_features, int resident_ctas, int bk);
+int shrink_pipe_split(int num_rows, int in_features, int resident_ctas);
 cudaError_t shrink_pipe(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o);
 

@@ -35,7 +35,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBM = 128;   // shrink: rows per tile
-constexpr int kTileElems = 8192;  // an activation tile: 16 KB (expand: BM x BN, shrink: 128 x BK)
+constexpr int kBK = 64;    // shrink: input columns per stage
+constexpr int kTileElems = 8192;  // an expand y tile: 16 KB (BM x BN)
 constexpr size_t kRingBudget = 196 * 1024;  // the stages' shared memory (the work list follows)
 
 // A stage is an activation tile and the weight tile of the same width (KP rows), both kernels.
@@ -240,7 +241,7 @@ struct ShrinkWarps {
   static constexpr int MI = kBM / WM / 16, NP = KP / WN / 16;
 };
 
-template <typename T, int KP, int kBK>
+template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads, KP >= 128 ? 2 : 3) shrink_pipe_kernel(ShrinkParams p, int S) {
   constexpr int CH = kBK / 8;  // 16-byte chunks per row of a stage
   constexpr int kXElems = kBM * kBK, kStageElems = kXElems + KP * kBK;
@@ -423,15 +424,15 @@ cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o) {
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, S);
 }
 
-template <typename T, int KP, int kBK>
+template <typename T, int KP>
 cudaError_t launch_shrink(ShrinkParams p, const LaunchOptions& o) {
-  auto kernel = shrink_pipe_kernel<T, KP, kBK>;
+  auto kernel = shrink_pipe_kernel<T, KP>;
   const int S = ring_slots(stages_for(size_t(kBM * kBK + KP * kBK) * sizeof(T)));
   const size_t smem = size_t(S) * (kBM * kBK + KP * kBK) * sizeof(T) + prefix_bytes(p.seg.num_seg);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   p.ksplit = shrink_pipe_split(p.seg.num_rows, p.in_features,
-                               o.num_sms * cached_blocks_per_sm(kernel, smem), kBK);
+                               o.num_sms * cached_blocks_per_sm(kernel, smem));
   const int units = ceil_div(p.seg.num_rows, kBM) + p.seg.num_seg;  // row blocks, at most
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
@@ -458,8 +459,8 @@ cudaError_t expand_by_class(const ExpandParams& p, const LaunchOptions& o) {
 template <typename T>
 cudaError_t shrink_by_class(const ShrinkParams& p, const LaunchOptions& o) {
   const int r = p.seg.max_rank;
-  return r <= 16 ? launch_shrink<T, 16, 64>(p, o) : r <= 32 ? launch_shrink<T, 32, 64>(p, o)
-         : r <= 64 ? launch_shrink<T, 64, 64>(p, o) : launch_shrink<T, 128, 64>(p, o);
+  return r <= 16 ? launch_shrink<T, 16>(p, o) : r <= 32 ? launch_shrink<T, 32>(p, o)
+         : r <= 64 ? launch_shrink<T, 64>(p, o) : launch_shrink<T, 128>(p, o);
 }
 
 }  // namespace
@@ -467,9 +468,9 @@ cudaError_t shrink_by_class(const ShrinkParams& p, const LaunchOptions& o) {
 // K-slices (= cluster size) for a shrink of num_rows rows: enough that the row blocks fill the
 // resident CTAs, at most 8 (portable cluster size), each slice at least 2 stages of input.
 // PUNICA_SHRINK_KSPLIT=N (diagnostics, read once) forces N (clamped the same way).
-int shrink_pipe_split(int num_rows, int in_features, int resident_ctas, int bk) {
+int shrink_pipe_split(int num_rows, int in_features, int resident_ctas) {
   static const char* env = std::getenv("PUNICA_SHRINK_KSPLIT");
-  const int most = std::max(1, std::min(8, ceil_div(in_features, bk) / 2));
+  const int most = std::max(1, std::min(8, ceil_div(in_features, kBK) / 2));
   if (env && std::atoi(env) > 0) return std::min(most, std::atoi(env));
   const int blocks = std::max(1, ceil_div(num_rows, kBM));
   return std::max(1, std::min(most, resident_ctas / blocks));
