@@ -136,6 +136,12 @@ int shrink_pipe_split(int num_rows, int in_features, int resident_ctas);
 cudaError_t shrink_pipe(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
+// Prefill shrink as one stream of bulk copies (sm_90; needs o.vec and in_features % 16 == 0):
+// 32-row items over the whole input dimension, no K split (sgmv_shrink_bulk.cu).
+// shrink_bulk_fits says whether the op runs it for these shapes (PUNICA_SHRINK_BULK: 0 / 1).
+bool shrink_bulk_fits(const ShrinkParams& p, const LaunchOptions& o);
+cudaError_t shrink_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o);
+
 // Fused decode kernel (sm_90; needs o.vec). p.cluster 0 picks the size.
 int lora_fused_cluster_of(const FusedParams& p, int num_sms);  // the size p.cluster 0 gets
 cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o);

@@ -181,6 +181,10 @@ void sgmv_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a,
     check_launch(fn, shrink_pipe(dt, prm, o));
     return;
   }
+  if (shrink_bulk_fits(prm, o)) {
+    check_launch(fn, shrink_bulk(dt, prm, o));
+    return;
+  }
   prm.ksplit = shrink_mma_ksplit(seg.num_rows, prm.in_features, o.num_sms);
   at::Tensor ws;
   if (prm.ksplit > 1) {  // fp32 partial sums of the K-slices; the graph-safe caching allocator

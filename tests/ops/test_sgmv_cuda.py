@@ -408,14 +408,36 @@ def test_split_k_shrink_every_slice_count(kernels, rows):
     check_expand(p, 1, MMA)
 
 
+def rows_for_bulk_shrink():
+    """Rows that the auto dispatch gives sm_90's bulk shrink: one wave of 32-row items."""
+    return 32 * torch.cuda.get_device_properties(0).multi_processor_count - 40
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fin", [576, 4104])   # 4104: a last stage of 8 of its 64 columns
+@pytest.mark.parametrize("pool,ranks", [(16, [16, 5, 9, 1]), (64, [64, 40, 1, 16]),
+                                        (128, [128, 3, 64, 17])])
+def test_bulk_shrink(kernels, dtype, fin, pool, ranks):
+    """sm_90's prefill shrink without a K split (sgmv_shrink_bulk.cu; the auto dispatch takes it
+    for pools of rank 64 and 128, other GPUs and pools run the split-K kernel here): segments whose ends cut 32-row items, a 1-row segment, slot -1, unsorted
+    slots, ranks that are not multiples of 16; the same bits on a second run."""
+    n = rows_for_bulk_shrink()
+    lens = [1000, 33, 1, n - 1734, 700]
+    p = make_problem(dtype, fin, 64, ranks, [2, -1, 0, 1, 3], lens, max_rank=pool, seed=fin + pool)
+    v = check_shrink(p, 1, AUTO)
+    again, _ = run_shrink(p, 1, AUTO)
+    assert torch.equal(v.nan_to_num(7.0), again.nan_to_num(7.0))
+
+
 @pytest.mark.parametrize("knob", [("PUNICA_PREFILL", "mma"), ("PUNICA_PREFILL", "pipe"),
-                                  ("PUNICA_EXPAND_BN", "32")])
+                                  ("PUNICA_EXPAND_BN", "32"), ("PUNICA_SHRINK_BULK", "1")])
 def test_other_prefill_kernels_still_match(knob):
     """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
     tensor-core kernel that sm_90 replaced with the pipelined one, =pipe the shrink on the
     pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's;
-    PUNICA_EXPAND_BN=32 the pipelined expand on 256 x 32 tiles (bf16). The sanitizer cases, in
-    a child."""
+    PUNICA_EXPAND_BN=32 the pipelined expand on 256 x 32 tiles (bf16); PUNICA_SHRINK_BULK=1
+    the bulk shrink for every prefill shape it takes (input widths % 16 == 0), small ones
+    included. The sanitizer cases, in a child."""
     import os
     import subprocess
     env = dict(os.environ, **{knob[0]: knob[1]})

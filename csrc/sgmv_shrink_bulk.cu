@@ -1,0 +1,276 @@
+// Prefill shrink on sm_90 as one stream of TMA tensor copies: v[rows, :r] = x[rows] @ a[slot, :r].T.
+//
+// Why: the shrink of a prefill reads x once (rows x in_features) and writes a tiny v, so its time
+// is the bytes of x. sgmv_shrink.cu's tensor-core kernel needs a K split to fill the GPU (its
+// 128-row tiles are too few), and the split costs a workspace of fp32 partial planes and a second
+// launch that sums them (at rank 64, 8 MB written and read again for 4096 rows). Here a work item
+// is 32 rows x the whole rank over the whole input dimension, so 4096 rows are 128 items, about one
+// per SM, with nothing to reduce across CTAs. One CTA a SM; one producer thread streams each
+// item's x box (32 rows x 64 columns) and a box of the slot's rank-class rows of a through a ring
+// of up to 16 stages (~192 KB), two tensor copies a stage, so that many stages are in flight
+// without a register or a thread per byte; four consumer warps (2 along the rows x 2 along groups
+// of 16 ranks) run ldmatrix + mma.sync on each stage and free it. Items follow each other through
+// the ring without a pause. (Bulk copies of one row each were tried first: a SM issues them at
+// ~35 ns each, so 256-byte rows moved ~7 GB/s.)
+//
+// Rows past a segment (the next segment's, or zeros past the tensor) and a's rows past a slot's
+// rank reach only output rows and rank columns that are never stored (an MMA's output cell
+// depends on its own row of x and its own rank row only); input columns past the end are zeros.
+// A segment of rank r still reads the rank class's rows of a (at most 128): extra bytes only where
+// a pool mixes ranks, and those come from L2 for every item of a segment after its first.
+#include <cuda.h>            // CUtensorMap (the type only; the encoder comes from the runtime)
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "sgmv_common.cuh"
+
+namespace punica {
+namespace {
+
+constexpr int kRows = 32;                 // rows of x per work item
+constexpr int kBox = 64;                  // columns of a box: one 128-byte swizzled row
+constexpr int kBoxes = 2;                 // boxes per operand a stage: 128 input columns
+constexpr int kConsumerWarps = 8;         // warp w multiplies the stage's columns 16w .. 16w + 15
+constexpr int kConsumers = kConsumerWarps * 32;
+constexpr int kThreads = kConsumers + 32;  // + the producer warp
+constexpr int kMaxStages = 16;
+constexpr size_t kRingBudget = 176 * 1024;
+constexpr size_t kHeadBytes = 2 * kMaxStages * sizeof(uint64_t);  // the barriers; the work list follows
+
+// A stage: kBoxes boxes of kRows x kBox of x, then kBoxes of KP x kBox of a (the rank class's
+// rows of the slot; rows past the rank hold what the pool stores there, rows past the pool
+// zeros). Every box starts on a 1024-byte boundary, as the 128-byte swizzle needs.
+template <int KP>
+constexpr int stage_bytes() { return kBoxes * (kRows + KP) * kBox * 2; }
+
+template <int KP>
+constexpr int ring_stages() {
+  return int(std::min<size_t>(kMaxStages, kRingBudget / stage_bytes<KP>()));
+}
+
+// The item's fp32 tile, where the consumer warps' partial sums meet (in warp order).
+template <int KP>
+constexpr size_t red_bytes() { return size_t(kRows) * KP * sizeof(float); }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
+}
+#endif
+
+// TMA tensor copy of the box at (c0 = column, c1 = row), completing on bar.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+      : "memory");
+}
+#endif
+
+template <typename T, int KP>
+__global__ void __launch_bounds__(kThreads, 1)
+    shrink_bulk_kernel(ShrinkParams p, const __grid_constant__ CUtensorMap xmap,
+                       const __grid_constant__ CUtensorMap wmap, int rows_per_slot) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // (never launched below sm_90)
+  constexpr int S = ring_stages<KP>();
+  constexpr int kStage = stage_bytes<KP>();
+  constexpr int kXBox = kRows * kBox, kWBox = KP * kBox;  // elements
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw);   // [S] a stage's copies have landed
+  uint64_t* empty = full + kMaxStages;                        // [S] its consumers are done with it
+  int* prefix = reinterpret_cast<int*>(smem_raw + kHeadBytes);
+  unsigned char* ring = smem_raw + kHeadBytes + (size_t(p.seg.num_seg) + 1) * sizeof(int);
+  ring += (1024u - (smem_u32(ring) & 1023u)) & 1023u;
+  float* red = reinterpret_cast<float*>(ring + S * kStage);   // [kRows][KP]
+
+  const SegmentArgs& sa = p.seg;
+  const int KT = ceil_div(p.in_features, kBox * kBoxes);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&xmap)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&wmap)) : "memory");
+  }
+  // (build_worklist's barriers also publish the barriers' initialisation)
+  const int total = build_worklist(prefix, sa.num_seg, [&](int s) {
+    const Segment g = load_segment(sa, s);
+    return g.active() ? ceil_div(g.end - g.start, kRows) : 0;
+  });
+
+  if (warp == kConsumerWarps) {  // producer: one lane issues the stage's tensor copies
+    if (lane != 0) return;
+    int it = 0;                  // stages issued so far, over all items
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const int s = find_segment(prefix, sa.num_seg, t);
+      const Segment g = load_segment(sa, s);
+      const int m0 = g.start + (t - prefix[s]) * kRows;
+      for (int kt = 0; kt < KT; ++kt, ++it) {
+        const int st = it % S;
+        if (it >= S) mbar_wait(&empty[st], ((it / S) - 1) & 1);
+        T* dst = reinterpret_cast<T*>(ring + st * kStage);
+        mbar_arrive_expect_tx(&full[st], kStage);
+#pragma unroll
+        for (int b = 0; b < kBoxes; ++b) {
+          const int k0 = (kt * kBoxes + b) * kBox;
+          tma_load_2d(dst + b * kXBox, &xmap, k0, m0, &full[st]);
+          tma_load_2d(dst + kBoxes * kXBox + b * kWBox, &wmap, k0, g.slot * rows_per_slot, &full[st]);
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: warp w takes input columns 16w.. of every stage (its box and 16 of the box's 64)
+  // for all of the item's rows and ranks; the partial sums meet in `red` in warp order.
+  constexpr int NI = KP / 8;
+  const int box = warp / (kBox / 16), kk = (warp % (kBox / 16)) * 16;
+  T* v = static_cast<T*>(p.v);
+  int it = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const int s = find_segment(prefix, sa.num_seg, t);
+    const Segment g = load_segment(sa, s);
+    const int m0 = g.start + (t - prefix[s]) * kRows;
+    float acc[2][NI][4] = {};
+    for (int kt = 0; kt < KT; ++kt, ++it) {
+      const int st = it % S;
+      mbar_wait(&full[st], (it / S) & 1);
+      const T* xs = reinterpret_cast<const T*>(ring + st * kStage) + box * kXBox;
+      const T* ws = reinterpret_cast<const T*>(ring + st * kStage) + kBoxes * kXBox + box * kWBox;
+      uint32_t af[2][4];  // columns past the input are zeros (TMA fill)
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+        ldmatrix_x4(af[mi], xs + swz(mi * 16 + (lane & 15), kk + (lane >> 4) * 8, kBox));
+#pragma unroll
+      for (int np = 0; np < KP / 16; ++np) {
+        if (np * 16 >= g.rank) break;  // no MMAs past the rank
+        uint32_t bf[4];
+        ldmatrix_x4(bf, ws + swz(np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                 kk + ((lane >> 3) & 1) * 8, kBox));
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          mma_16816<T>(acc[mi][2 * np], af[mi], bf[0], bf[1]);
+          mma_16816<T>(acc[mi][2 * np + 1], af[mi], bf[2], bf[3]);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[st]);
+    }
+    // red = the warps' partial tiles summed in warp order (deterministic), then v = red, rounded.
+    // Each thread holds rows (lane / 4, + 8) x ranks (2 * (lane % 4), + 1) of each 16 x 8 tile.
+    consumers_sync();  // the previous item's stores have read red
+    for (int w = 0; w < kConsumerWarps; ++w) {
+      if (warp == w) {
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float* cell = red + (mi * 16 + (lane >> 2) + (e >> 1) * 8) * KP + ni * 8 + (lane & 3) * 2 + (e & 1);
+              *cell = w == 0 ? acc[mi][ni][e] : *cell + acc[mi][ni][e];
+            }
+      }
+      consumers_sync();
+    }
+    const int rows = min(kRows, g.end - m0);
+    for (int i = tid; i < rows * KP; i += kConsumers) {
+      const int r = i / KP, c = i % KP;
+      if (c < g.rank) v[int64_t(m0 + r) * p.v_stride + c] = from_float<T>(red[i]);
+    }
+  }
+#endif
+}
+
+// cuTensorMapEncodeTiled, looked up once through the runtime (no link against the driver
+// library); null where the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess || q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A 2-D map over rows of `cols` 2-byte elements, `row_bytes` apart, read as boxes of
+// box_rows x kBox with the 128-byte swizzle (swz(row, k, 64)'s layout); out of range reads zeros.
+bool encode_rows(CUtensorMap* map, DType dt, const void* base, uint64_t cols, uint64_t rows,
+                 uint64_t row_bytes, uint32_t box_rows) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {uint32_t(kBox), box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  return encode(map, dt == DType::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int KP>
+cudaError_t launch_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
+  auto kernel = shrink_bulk_kernel<T, KP>;
+  const int K = p.in_features;
+  const int rows_per_slot = int(p.w_slot_stride / K);   // layers x stored rank rows
+  CUtensorMap xmap, wmap;
+  // a's map starts at the layer's first row; the last slot's rows end at its stored rank
+  const uint64_t wrows = uint64_t(std::max(p.seg.num_slots, 1) - 1) * rows_per_slot + p.seg.max_rank;
+  if (!encode_rows(&xmap, dt, p.x, K, p.seg.num_rows, uint64_t(p.x_stride) * 2, kRows) ||
+      !encode_rows(&wmap, dt, p.w, K, wrows, uint64_t(K) * 2, KP))
+    return cudaErrorInvalidValue;
+  const size_t smem = kHeadBytes + size_t(p.seg.num_seg + 1) * sizeof(int) + 1024 +
+                      size_t(ring_stages<KP>()) * stage_bytes<KP>() + red_bytes<KP>();
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int items = ceil_div(p.seg.num_rows, kRows) + p.seg.num_seg;  // at most
+  const int grid = std::max(1, std::min(items, o.num_sms));
+  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, xmap, wmap,
+                rows_per_slot);
+}
+
+template <typename T>
+cudaError_t bulk_by_class(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
+  const int r = p.seg.max_rank;
+  return r <= 16 ? launch_bulk<T, 16>(dt, p, o) : r <= 32 ? launch_bulk<T, 32>(dt, p, o)
+         : r <= 64 ? launch_bulk<T, 64>(dt, p, o) : launch_bulk<T, 128>(dt, p, o);
+}
+
+}  // namespace
+
+// PUNICA_SHRINK_BULK (diagnostics, read once): "0" never, "1" whenever the shapes allow; unset,
+// for pools of rank class 64 and 128 when the items (32-row tiles) keep at least 3/4 of the SMs
+// busy on average over their waves. Measured on an H200 (benchmarks/diag/prefill_ab.py, 4096
+// rows of 7B in segments of 512, bf16): rank 64 q/k/v/o 27.2 -> 23.0 us, gate/up 27.4 -> 23.0,
+// down 51.9 -> 37.6; rank 16 slower (q/k/v/o 19.6 -> 22.0, gate/up 19.4 -> 22.1, down even).
+bool shrink_bulk_fits(const ShrinkParams& p, const LaunchOptions& o) {
+  static const char* env = std::getenv("PUNICA_SHRINK_BULK");
+  static const int mode = !env ? 2 : std::atoi(env);
+  if (mode == 0 || !o.vec || o.sm < 90 || p.seg.max_rank > kMaxRank || !tensor_map_encoder())
+    return false;
+  if (mode == 1) return true;
+  if (p.seg.max_rank <= 32) return false;
+  const int64_t items = ceil_div(p.seg.num_rows, kRows);
+  const int64_t waves = (items + o.num_sms - 1) / o.num_sms;
+  return 4 * items >= 3 * waves * o.num_sms;
+}
+
+cudaError_t shrink_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
+  if (!o.vec || p.seg.max_rank > kMaxRank) return cudaErrorInvalidValue;
+  return dt == DType::kHalf ? bulk_by_class<__half>(dt, p, o) : bulk_by_class<__nv_bfloat16>(dt, p, o);
+}
+
+}  // namespace punica
