@@ -69,17 +69,6 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
   }
 }
 
-// Two elements (k, k + 1) of a row of v as one A-fragment register; elements at or past the rank
-// and rows at or past `end` are zeros (never read).
-template <typename T>
-__device__ __forceinline__ uint32_t load_v_pair(const T* v, int64_t stride, int row, int end, int k,
-                                                int rank) {
-  if (row >= end || k >= rank) return 0u;
-  const T* src = v + int64_t(row) * stride + k;
-  if (k + 1 < rank) return *reinterpret_cast<const uint32_t*>(src);
-  return uint32_t(*reinterpret_cast<const uint16_t*>(src));  // element k is the low half
-}
-
 // ------------------------------------------------------------------------------------------
 // Expand.
 template <typename T, int KP, int kBN>

@@ -18,14 +18,12 @@
 // depends on its own row of x and its own rank row only); input columns past the end are zeros.
 // A segment of rank r still reads the rank class's rows of a (at most 128): extra bytes only where
 // a pool mixes ranks, and those come from L2 for every item of a segment after its first.
-#include <cuda.h>            // CUtensorMap (the type only; the encoder comes from the runtime)
-#include <cudaTypedefs.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
 #include "sgmv_common.cuh"
+#include "tma.cuh"
 
 namespace punica {
 namespace {
@@ -61,18 +59,6 @@ __device__ __forceinline__ void consumers_sync() {
 }
 #endif
 
-// TMA tensor copy of the box at (c0 = column, c1 = row), completing on bar.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1,
-                                            uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
-      : "memory");
-}
-#endif
-
 template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads, 1)
     shrink_bulk_kernel(ShrinkParams p, const __grid_constant__ CUtensorMap xmap,
@@ -98,8 +84,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&empty[s], kConsumerWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&xmap)) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&wmap)) : "memory");
+    tma_prefetch_map(&xmap);
+    tma_prefetch_map(&wmap);
   }
   // (build_worklist's barriers also publish the barriers' initialisation)
   const int total = build_worklist(prefix, sa.num_seg, [&](int s) {
@@ -191,36 +177,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// cuTensorMapEncodeTiled, looked up once through the runtime (no link against the driver
-// library); null where the driver lacks it.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess || q != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// A 2-D map over rows of `cols` 2-byte elements, `row_bytes` apart, read as boxes of
-// box_rows x kBox with the 128-byte swizzle (swz(row, k, 64)'s layout); out of range reads zeros.
-bool encode_rows(CUtensorMap* map, DType dt, const void* base, uint64_t cols, uint64_t rows,
-                 uint64_t row_bytes, uint32_t box_rows) {
-  const auto encode = tensor_map_encoder();
-  if (!encode) return false;
-  const cuuint64_t dims[2] = {cols, rows};
-  const cuuint64_t strides[1] = {row_bytes};
-  const cuuint32_t box[2] = {uint32_t(kBox), box_rows};
-  const cuuint32_t elem[2] = {1, 1};
-  return encode(map, dt == DType::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                2, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <typename T, int KP>
 cudaError_t launch_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
   auto kernel = shrink_bulk_kernel<T, KP>;
@@ -229,8 +185,8 @@ cudaError_t launch_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o)
   CUtensorMap xmap, wmap;
   // a's map starts at the layer's first row; the last slot's rows end at its stored rank
   const uint64_t wrows = uint64_t(std::max(p.seg.num_slots, 1) - 1) * rows_per_slot + p.seg.max_rank;
-  if (!encode_rows(&xmap, dt, p.x, K, p.seg.num_rows, uint64_t(p.x_stride) * 2, kRows) ||
-      !encode_rows(&wmap, dt, p.w, K, wrows, uint64_t(K) * 2, KP))
+  if (!encode_rows(&xmap, dt, p.x, K, p.seg.num_rows, uint64_t(p.x_stride) * 2, kBox, kRows) ||
+      !encode_rows(&wmap, dt, p.w, K, wrows, uint64_t(K) * 2, kBox, KP))
     return cudaErrorInvalidValue;
   const size_t smem = kHeadBytes + size_t(p.seg.num_seg + 1) * sizeof(int) + 1024 +
                       size_t(ring_stages<KP>()) * stage_bytes<KP>() + red_bytes<KP>();

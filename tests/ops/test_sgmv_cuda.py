@@ -429,18 +429,21 @@ def test_bulk_shrink(kernels, dtype, fin, pool, ranks):
     assert torch.equal(v.nan_to_num(7.0), again.nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("knob", [("PUNICA_PREFILL", "mma"), ("PUNICA_PREFILL", "pipe"),
-                                  ("PUNICA_EXPAND_BN", "32"), ("PUNICA_SHRINK_BULK", "1")])
-def test_other_prefill_kernels_still_match(knob):
-    """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
-    tensor-core kernel that sm_90 replaced with the pipelined one, =pipe the shrink on the
-    pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's;
-    PUNICA_EXPAND_BN=32 the pipelined expand on 256 x 32 tiles (bf16); PUNICA_SHRINK_BULK=1
-    the bulk shrink for every prefill shape it takes (input widths % 16 == 0), small ones
-    included. The sanitizer cases, in a child."""
+@pytest.mark.parametrize("knobs", [
+    {"PUNICA_PREFILL": "mma", "PUNICA_EXPAND_BULK": "0", "PUNICA_SHRINK_BULK": "0"},
+    {"PUNICA_PREFILL": "pipe", "PUNICA_EXPAND_BULK": "0", "PUNICA_SHRINK_BULK": "0"},
+    {"PUNICA_EXPAND_BN": "32", "PUNICA_EXPAND_BULK": "0"},
+    {"PUNICA_EXPAND_BULK": "0"},
+    {"PUNICA_SHRINK_BULK": "1"}], ids=["mma", "pipe", "pipe-bn32", "pipe-expand", "bulk-shrink"])
+def test_other_prefill_kernels_still_match(knobs):
+    """Knobs read once per process: PUNICA_PREFILL=mma runs the sgmv_shrink.cu / sgmv_expand.cu
+    tensor-core kernels, =pipe the pipelined shrink (a cluster split of the input dimension);
+    PUNICA_EXPAND_BULK=0 the pipelined expand that sm_90 ran before the TMA one (=BN 32: on 256 x
+    32 tiles, bf16); PUNICA_SHRINK_BULK=1 the bulk shrink for every prefill shape it takes, small
+    ones included. The sanitizer cases, in a child."""
     import os
     import subprocess
-    env = dict(os.environ, **{knob[0]: knob[1]})
+    env = dict(os.environ, **knobs)
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "sanitizer cases done" in out.stdout, out.stderr[-2000:]
