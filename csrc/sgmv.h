@@ -142,10 +142,6 @@ cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o)
 bool shrink_bulk_fits(const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t shrink_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 
-// Prefill expand as one stream of TMA copies (sm_90; needs o.vec; sgmv_expand_bulk.cu).
-bool expand_bulk_fits(const ExpandParams& p, const LaunchOptions& o);
-cudaError_t expand_bulk(DType dt, const ExpandParams& p, const LaunchOptions& o);
-
 // Fused decode kernel (sm_90; needs o.vec). p.cluster 0 picks the size.
 int lora_fused_cluster_of(const FusedParams& p, int num_sms);  // the size p.cluster 0 gets
 cudaError_t lora_fused(DType dt, const FusedParams& p, const LaunchOptions& o);

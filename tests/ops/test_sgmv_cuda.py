@@ -182,8 +182,9 @@ def test_long_segments(kernels, dtype, fin, lens, ranks):
 def test_split_k_shrink_gives_the_same_bits_every_run(kernels):
     """Split over the input dimension (4096 rows in 2 segments: 8 K-slices), each slice's
     partial sums in its own workspace plane, summed in slice order: two runs agree bit for bit
-    (fp32 atomics into one plane would land in any order)."""
-    p = make_problem(torch.bfloat16, 4096, 256, [64, 16], [0, 1], [2048, 2048], seed=3)
+    (fp32 atomics into one plane would land in any order). A pool of rank 32: sm_90's bulk
+    shrink, which has no K split, takes pools of 64 and 128 at this size."""
+    p = make_problem(torch.bfloat16, 4096, 256, [32, 16], [0, 1], [2048, 2048], seed=3)
     first = check_shrink(p, 1, MMA)
     for _ in range(3):
         again, _ = run_shrink(p, 1, MMA)
@@ -430,17 +431,17 @@ def test_bulk_shrink(kernels, dtype, fin, pool, ranks):
 
 
 @pytest.mark.parametrize("knobs", [
-    {"PUNICA_PREFILL": "mma", "PUNICA_EXPAND_BULK": "0", "PUNICA_SHRINK_BULK": "0"},
-    {"PUNICA_PREFILL": "pipe", "PUNICA_EXPAND_BULK": "0", "PUNICA_SHRINK_BULK": "0"},
-    {"PUNICA_EXPAND_BN": "32", "PUNICA_EXPAND_BULK": "0"},
-    {"PUNICA_EXPAND_BULK": "0"},
-    {"PUNICA_SHRINK_BULK": "1"}], ids=["mma", "pipe", "pipe-bn32", "pipe-expand", "bulk-shrink"])
+    {"PUNICA_PREFILL": "mma", "PUNICA_SHRINK_BULK": "0"},
+    {"PUNICA_PREFILL": "pipe", "PUNICA_SHRINK_BULK": "0"},
+    {"PUNICA_EXPAND_BN": "32"},
+    {"PUNICA_SHRINK_BULK": "1"}], ids=["mma", "pipe", "expand-bn32", "bulk-shrink"])
 def test_other_prefill_kernels_still_match(knobs):
-    """Knobs read once per process: PUNICA_PREFILL=mma runs the sgmv_shrink.cu / sgmv_expand.cu
-    tensor-core kernels, =pipe the pipelined shrink (a cluster split of the input dimension);
-    PUNICA_EXPAND_BULK=0 the pipelined expand that sm_90 ran before the TMA one (=BN 32: on 256 x
-    32 tiles, bf16); PUNICA_SHRINK_BULK=1 the bulk shrink for every prefill shape it takes, small
-    ones included. The sanitizer cases, in a child."""
+    """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
+    tensor-core kernel that sm_90 replaced with the pipelined one, =pipe the shrink on the
+    pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's;
+    PUNICA_EXPAND_BN=32 the pipelined expand on 256 x 32 tiles (bf16); PUNICA_SHRINK_BULK=1 the
+    bulk shrink for every prefill shape it takes, small ones included. The sanitizer cases, in a
+    child."""
     import os
     import subprocess
     env = dict(os.environ, **knobs)
