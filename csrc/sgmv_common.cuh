@@ -333,14 +333,11 @@ __device__ __forceinline__ int swz(int row, int k, int row_elems) {
   return row * row_elems + ((((k >> 3) ^ (row & 7))) << 3) + (k & 7);
 }
 
-// Offset of (row, k) in a swizzled tile of ROW-element rows: swz's XOR of the 16-byte chunk with
-// row % 8 for rows of 8+ chunks; for rows of 4 chunks (32 elements), with (row / 2) % 4, which
-// keeps ldmatrix's eight rows and a fragment's eight rows on distinct banks there too.
+// Offset of (row, k) in a swizzled tile of ROW-element rows (a multiple of 64), as swz.
 template <int ROW>
 __device__ __forceinline__ int swz_tile(int row, int k) {
-  static_assert(ROW == 32 || ROW % 64 == 0, "tile rows of 32 or a multiple of 64 elements");
-  if constexpr (ROW >= 64) return swz(row, k, ROW);
-  else return row * ROW + ((((k >> 3) ^ ((row >> 1) & 3))) << 3) + (k & 7);
+  static_assert(ROW % 64 == 0, "tile rows of a multiple of 64 elements");
+  return swz(row, k, ROW);
 }
 
 // tile += a warp's MMA accumulators: MI x NI fragments of 16 x 8 at (row0, col0) of a swizzled

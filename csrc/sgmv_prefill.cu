@@ -36,7 +36,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBM = 128;   // shrink: rows per tile
 constexpr int kBK = 64;    // shrink: input columns per stage
-constexpr int kTileElems = 8192;  // an expand y tile: 16 KB (BM x BN)
+constexpr int kExpandBN = 64;     // expand: columns per tile
+constexpr int kExpandBM = 128;    // expand: rows per tile (a 16 KB y tile)
 constexpr size_t kRingBudget = 196 * 1024;  // the stages' shared memory (the work list follows)
 
 // A stage is an activation tile and the weight tile of the same width (KP rows), both kernels.
@@ -71,9 +72,9 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
 
 // ------------------------------------------------------------------------------------------
 // Expand.
-template <typename T, int KP, int kBN>
+template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p, int S) {
-  constexpr int kBM = kTileElems / kBN, CH = kBN / 8;  // rows per tile, 16-byte chunks per row
+  constexpr int kBM = kExpandBM, kBN = kExpandBN, CH = kBN / 8;  // 16-byte chunks per row
   constexpr int WMC = kBM / 32;                       // warps along rows (32 rows x 32 columns)
   constexpr int kYElems = kBM * kBN, kStageElems = kYElems + KP * kBN;
   constexpr int KS = KP / 16;  // k16 steps of the rank class
@@ -397,10 +398,10 @@ int cached_blocks_per_sm(Kernel kernel, size_t smem) {
   return last;
 }
 // The rank class is the pool's stored rank rounded up to 16, 32, 64 or 128.
-template <typename T, int KP, int kBN>
+template <typename T, int KP>
 cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o) {
-  constexpr int kBM = kTileElems / kBN;
-  auto kernel = expand_pipe_kernel<T, KP, kBN>;
+  constexpr int kBM = kExpandBM, kBN = kExpandBN;
+  auto kernel = expand_pipe_kernel<T, KP>;
   const int S = ring_slots(stages_for(size_t(kBM * kBN + KP * kBN) * sizeof(T)));
   const size_t smem = size_t(S) * (kBM * kBN + KP * kBN) * sizeof(T) + prefix_bytes(p.seg.num_seg);
   cudaError_t err = allow_smem(kernel, smem);
@@ -438,11 +439,11 @@ cudaError_t launch_shrink(ShrinkParams p, const LaunchOptions& o) {
   return cudaLaunchKernelEx(&cfg, kernel, p, S);
 }
 
-template <typename T, int kBN>
+template <typename T>
 cudaError_t expand_by_class(const ExpandParams& p, const LaunchOptions& o) {
   const int r = p.seg.max_rank;
-  return r <= 16 ? launch_expand<T, 16, kBN>(p, o) : r <= 32 ? launch_expand<T, 32, kBN>(p, o)
-         : r <= 64 ? launch_expand<T, 64, kBN>(p, o) : launch_expand<T, 128, kBN>(p, o);
+  return r <= 16 ? launch_expand<T, 16>(p, o) : r <= 32 ? launch_expand<T, 32>(p, o)
+         : r <= 64 ? launch_expand<T, 64>(p, o) : launch_expand<T, 128>(p, o);
 }
 
 template <typename T>
@@ -485,15 +486,7 @@ cudaError_t shrink_pipe(DType dt, const ShrinkParams& p, const LaunchOptions& o)
 
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o) {
   if (!o.vec || p.seg.max_rank > kMaxRank) return cudaErrorInvalidValue;
-  // PUNICA_EXPAND_BN=32 (diagnostics, read once; bf16): 256 x 32 tiles, so that each 64-rank-row
-  // b tile serves twice the rows (half the L2 reads of b per byte of y; y in 64-byte row pieces).
-  // Compiled and tested (test_sgmv_cuda.py runs the sanitizer cases with it), not yet timed.
-  static const bool narrow = [] {
-    const char* env = std::getenv("PUNICA_EXPAND_BN");
-    return env && std::atoi(env) == 32;
-  }();
-  if (dt == DType::kHalf) return expand_by_class<__half, 64>(p, o);
-  return narrow ? expand_by_class<__nv_bfloat16, 32>(p, o) : expand_by_class<__nv_bfloat16, 64>(p, o);
+  return dt == DType::kHalf ? expand_by_class<__half>(p, o) : expand_by_class<__nv_bfloat16>(p, o);
 }
 
 }  // namespace punica

@@ -433,14 +433,12 @@ def test_bulk_shrink(kernels, dtype, fin, pool, ranks):
 @pytest.mark.parametrize("knobs", [
     {"PUNICA_PREFILL": "mma", "PUNICA_SHRINK_BULK": "0"},
     {"PUNICA_PREFILL": "pipe", "PUNICA_SHRINK_BULK": "0"},
-    {"PUNICA_EXPAND_BN": "32"},
-    {"PUNICA_SHRINK_BULK": "1"}], ids=["mma", "pipe", "expand-bn32", "bulk-shrink"])
+    {"PUNICA_SHRINK_BULK": "1"}], ids=["mma", "pipe", "bulk-shrink"])
 def test_other_prefill_kernels_still_match(knobs):
     """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
     tensor-core kernel that sm_90 replaced with the pipelined one, =pipe the shrink on the
     pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's;
-    PUNICA_EXPAND_BN=32 the pipelined expand on 256 x 32 tiles (bf16); PUNICA_SHRINK_BULK=1 the
-    bulk shrink for every prefill shape it takes, small ones included. The sanitizer cases, in a
+    PUNICA_SHRINK_BULK=1 the bulk shrink for every prefill shape it takes, small ones included. The sanitizer cases, in a
     child."""
     import os
     import subprocess
