@@ -10,21 +10,24 @@
 
 namespace punica {
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// TMA tensor copy of the box at (c0 = column, c1 = row) to shared memory, completing on bar.
+// TMA tensor copy of the box at (c0 = column, c1 = row) to shared memory, completing on bar
+// (sm_90; a no-op below).
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1,
                                             uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
       : "memory");
+#endif
 }
 
 __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
 #endif
+}
 
 // cuTensorMapEncodeTiled, looked up once through the runtime (no link against the driver
 // library); null where the driver lacks it.
