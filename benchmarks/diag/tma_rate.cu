@@ -12,7 +12,8 @@
 //   2d   nb boxes of R rows x 64 columns side by side (nb instructions a stage; the kernel's way)
 //   3d   one box of R rows x nb 64-column pieces (a 3-D map: pieces x rows; one instruction)
 // plus, with wrows > 0, a box of wrows x 64 columns of a small L2-resident matrix per 64 columns
-// (the shrink's a). One consumer warp only waits and frees the stages: no arithmetic. Prints the
+// (the shrink's a); stagger: each band starts at another column (CTAs read different column
+// ranges at the same time instead of the same one). One consumer warp only waits and frees the stages: no arithmetic. Prints the
 // matrix's GB/s (HBM) and the boxes' GB/s per CTA.
 // Not part of the build or the tests; no torch.
 #include <cuda_runtime.h>
@@ -30,7 +31,7 @@
 using namespace punica;
 
 constexpr int kMaxStages = 16;
-constexpr int kRows = 16384, kCols = 8192;   // 256 MB of bf16
+constexpr int kRows = 32768, kCols = 4096;   // 256 MB of bf16 (rows of Llama-2-7B's hidden size)
 constexpr int kWRows = 128;                  // the small matrix: [kWRows, kCols]
 
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
@@ -47,7 +48,7 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, i
 // grid-stride over bands of R rows; each band's columns in stages of nb x 64
 __global__ void __launch_bounds__(64, 1)
     stream(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
-           bool three_d, int R, int nb, int wrows, int stages) {
+           bool three_d, int R, int nb, int wrows, int stages, bool stagger) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw);
   uint64_t* empty = full + kMaxStages;
@@ -71,7 +72,8 @@ __global__ void __launch_bounds__(64, 1)
   if (warp == 1) {  // producer
     if (lane != 0) return;
     for (int b = blockIdx.x; b < bands; b += gridDim.x)
-      for (int k = 0; k < steps; ++k, ++it) {
+      for (int kk = 0; kk < steps; ++kk, ++it) {
+        const int k = stagger ? (kk + b * 5) % steps : kk;  // CTAs at different columns at once
         const int st = it % stages;
         if (it >= stages) mbar_wait(&empty[st], ((it / stages) - 1) & 1);
         unsigned char* dst = ring + st * stage;
@@ -110,14 +112,16 @@ int main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   CHECK(cudaEventCreate(&e0));
   CHECK(cudaEventCreate(&e1));
-  std::printf("mode R nb wrows stages ctas: us  HBM GB/s  box GB/s per CTA\n");
-  // (mode, R, nb, wrows): the bulk shrink's stage is 2d 32 2 {16, 64}
-  const int cases[][4] = {{0, 32, 2, 0},  {0, 32, 2, 16}, {0, 32, 2, 64}, {0, 32, 4, 0},
-                          {0, 64, 2, 0},  {0, 128, 1, 0}, {1, 32, 2, 0},  {1, 32, 4, 0},
-                          {1, 32, 8, 0},  {1, 64, 4, 0},  {1, 32, 4, 64}};
+  std::printf("mode R nb wrows stagger stages ctas: us  HBM GB/s  box GB/s per CTA\n");
+  // (mode, R, nb, wrows, stagger): the bulk shrink's stage is 2d 32 2 {16, 64} 0
+  const int cases[][5] = {{0, 32, 2, 0, 0},  {0, 32, 2, 16, 0}, {0, 32, 2, 64, 0}, {0, 32, 2, 0, 1},
+                          {0, 32, 2, 64, 1}, {0, 32, 4, 0, 0},  {0, 64, 2, 0, 0},  {0, 128, 1, 0, 0},
+                          {1, 32, 2, 0, 0},  {1, 32, 4, 0, 0},  {1, 32, 8, 0, 0},  {1, 64, 4, 0, 0},
+                          {1, 32, 4, 64, 0}, {1, 32, 4, 0, 1}};
   for (const auto& c : cases) {
     const bool three_d = c[0] == 1;
     const int R = c[1], nb = c[2], wrows = c[3];
+    const bool stagger = c[4] == 1;
     CUtensorMap xmap, wmap;
     if (three_d) {  // dims (64 elements, pieces, rows), strides (128 B, row bytes)
       const cuuint64_t dims[3] = {64, kCols / 64, kRows};
@@ -141,17 +145,17 @@ int main(int argc, char** argv) {
     for (int ctas : {1, sms}) {
       const int stages = std::min(kMaxStages, int(192 * 1024 / ((stage + 1023) / 1024 * 1024)));
       const size_t smem = 2 * kMaxStages * 8 + 1024 + size_t(stages) * ((stage + 1023) / 1024 * 1024);
-      stream<<<ctas, 64, smem>>>(xmap, wmap, three_d, R, nb, wrows, stages);
+      stream<<<ctas, 64, smem>>>(xmap, wmap, three_d, R, nb, wrows, stages, stagger);
       CHECK(cudaGetLastError());
       CHECK(cudaEventRecord(e0));
-      stream<<<ctas, 64, smem>>>(xmap, wmap, three_d, R, nb, wrows, stages);
+      stream<<<ctas, 64, smem>>>(xmap, wmap, three_d, R, nb, wrows, stages, stagger);
       CHECK(cudaEventRecord(e1));
       CHECK(cudaEventSynchronize(e1));
       float ms = 0.f;
       CHECK(cudaEventElapsedTime(&ms, e0, e1));
       const double xb = double(kRows) * kCols * 2, boxes = xb * (R + wrows) / R;
-      std::printf("%s %3d %d %3d %2d %3d: %9.1f  %7.0f  %6.1f\n", three_d ? "3d" : "2d", R, nb, wrows,
-                  stages, ctas, ms * 1e3, xb / ms / 1e6, boxes / ms / 1e6 / ctas);
+      std::printf("%s %3d %d %3d %d %2d %3d: %9.1f  %7.0f  %6.1f\n", three_d ? "3d" : "2d", R, nb, wrows,
+                  int(stagger), stages, ctas, ms * 1e3, xb / ms / 1e6, boxes / ms / 1e6 / ctas);
     }
   }
   return 0;
