@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
       mbar_init(&s.yfull[b], fills);
       mbar_init(&s.yempty[b], kConsumerWarps);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
   }
   __syncthreads();
   const int num_jobs = p.seg.num_seg * p.num_proj;

@@ -127,17 +127,13 @@ int shrink_mma_ws_planes(int ksplit);
 cudaError_t shrink_mma(DType dt, const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
-// Prefill kernels as memory pipelines (sm_90; need o.vec): prefill_pipe(o, shrink) says whether
-// the op runs them instead of the *_mma ones (by default the expand only; PUNICA_PREFILL=mma /
-// pipe: neither / both, for A/B runs). shrink_pipe splits the input dimension over a cluster
-// of shrink_pipe_split(...) CTAs (no workspace; p.ksplit is set by the launcher).
-bool prefill_pipe(const LaunchOptions& o, bool shrink);
-int shrink_pipe_split(int num_rows, int in_features, int resident_ctas);
-cudaError_t shrink_pipe(DType dt, const ShrinkParams& p, const LaunchOptions& o);
+// The prefill expand as a memory pipeline (sm_90; needs o.vec): prefill_pipe(o) says whether the
+// op runs it instead of expand_mma (PUNICA_PREFILL=mma: never, for A/B runs).
+bool prefill_pipe(const LaunchOptions& o);
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
-// Prefill shrink as one stream of bulk copies (sm_90; needs o.vec and in_features % 16 == 0):
-// 32-row items over the whole input dimension, no K split (sgmv_shrink_bulk.cu).
+// Prefill shrink as one stream of TMA tensor copies (sm_90; needs o.vec): 32-row items over the
+// whole input dimension, no K split (sgmv_shrink_bulk.cu).
 // shrink_bulk_fits says whether the op runs it for these shapes (PUNICA_SHRINK_BULK: 0 / 1).
 bool shrink_bulk_fits(const ShrinkParams& p, const LaunchOptions& o);
 cudaError_t shrink_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o);

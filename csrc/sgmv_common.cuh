@@ -248,6 +248,13 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
                : "memory");
 #endif
 }
+// Makes this thread's mbarrier initialisations visible to the async proxy (the copies that
+// complete on them); a CTA barrier must follow before other threads use them.
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
@@ -333,19 +340,13 @@ __device__ __forceinline__ int swz(int row, int k, int row_elems) {
   return row * row_elems + ((((k >> 3) ^ (row & 7))) << 3) + (k & 7);
 }
 
-// Offset of (row, k) in a swizzled tile of ROW-element rows (a multiple of 64), as swz.
-template <int ROW>
-__device__ __forceinline__ int swz_tile(int row, int k) {
-  static_assert(ROW % 64 == 0, "tile rows of a multiple of 64 elements");
-  return swz(row, k, ROW);
-}
-
 // tile += a warp's MMA accumulators: MI x NI fragments of 16 x 8 at (row0, col0) of a swizzled
 // shared-memory tile of ROW-element rows. Each thread adds its (row, column pair) cells in fp32
 // and rounds each once (the tensor-core expands' y update).
 template <typename T, int ROW, int MI, int NI>
 __device__ __forceinline__ void add_fragments(T* tile, const float (&acc)[MI][NI][4], int row0,
                                               int col0, int lane) {
+  static_assert(ROW % 64 == 0, "swizzled rows of a multiple of 64 elements");
   using T2 = typename Pair<T>::type;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
@@ -355,7 +356,7 @@ __device__ __forceinline__ void add_fragments(T* tile, const float (&acc)[MI][NI
       for (int h = 0; h < 2; ++h) {
         const int row = row0 + mi * 16 + (lane >> 2) + h * 8;
         const int c = col0 + ni * 8 + (lane & 3) * 2;
-        T2* cell = reinterpret_cast<T2*>(tile + swz_tile<ROW>(row, c));
+        T2* cell = reinterpret_cast<T2*>(tile + swz(row, c, ROW));
         const float2 cur = to_float2(*cell);
         T2 out;
         out.x = from_float<T>(cur.x + acc[mi][ni][2 * h]);

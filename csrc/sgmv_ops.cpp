@@ -177,10 +177,6 @@ void sgmv_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a,
     check_launch(fn, shrink_simt(dt, prm, o));
     return;
   }
-  if (prefill_pipe(o, true)) {
-    check_launch(fn, shrink_pipe(dt, prm, o));
-    return;
-  }
   if (shrink_bulk_fits(prm, o)) {
     check_launch(fn, shrink_bulk(dt, prm, o));
     return;
@@ -239,7 +235,7 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b,
   prm.out_features = int(N);
   LaunchOptions o = launch_options(dev, vec, pdl);
   if (use_mma(p, vec, y.size(0), seg.num_seg))
-    check_launch(fn, prefill_pipe(o, false) ? expand_pipe(dt, prm, o) : expand_mma(dt, prm, o));
+    check_launch(fn, prefill_pipe(o) ? expand_pipe(dt, prm, o) : expand_mma(dt, prm, o));
   else
     check_launch(fn, expand_simt(dt, prm, o));
 }

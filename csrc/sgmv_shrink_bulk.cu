@@ -4,23 +4,26 @@
 // is the bytes of x. sgmv_shrink.cu's tensor-core kernel needs a K split to fill the GPU (its
 // 128-row tiles are too few), and the split costs a workspace of fp32 partial planes and a second
 // launch that sums them (at rank 64, 8 MB written and read again for 4096 rows). Here a work item
-// is 32 rows x the whole rank over the whole input dimension, so 4096 rows are 128 items, about one
-// per SM, with nothing to reduce across CTAs. One CTA a SM; one producer thread streams each
-// item's x box (32 rows x 64 columns) and a box of the slot's rank-class rows of a through a ring
-// of up to 16 stages (~192 KB), two tensor copies a stage, so that many stages are in flight
-// without a register or a thread per byte; four consumer warps (2 along the rows x 2 along groups
-// of 16 ranks) run ldmatrix + mma.sync on each stage and free it. Items follow each other through
-// the ring without a pause. (Bulk copies of one row each were tried first: a SM issues them at
-// ~35 ns each, so 256-byte rows moved ~7 GB/s.)
+// is 32 rows x the whole rank class over the whole input dimension, so 4096 rows are 128 items,
+// about one per SM, with nothing to reduce across CTAs. One CTA a SM; one producer thread streams
+// each item through a ring of up to 16 stages (~176 KB), a stage being 128 input columns: two
+// tensor copies of x (boxes of 32 rows x 64 columns) and two of a (the slot's rank-class rows x 64
+// columns), so that many stages are in flight without a register or a thread per byte. Eight
+// consumer warps each multiply 16 of a stage's 128 columns for all of the item's rows and ranks
+// (ldmatrix + mma.sync) and free the stage; at the item's end their partial tiles are summed in
+// warp order (deterministic). Items follow each other through the ring without a pause. (Bulk
+// copies of one row each were tried first: a SM issues them at ~35 ns each, so 256-byte rows
+// moved ~7 GB/s; four consumer warps taking all of a stage's columns paced the ring with their
+// MMA chains.)
 //
 // Rows past a segment (the next segment's, or zeros past the tensor) and a's rows past a slot's
 // rank reach only output rows and rank columns that are never stored (an MMA's output cell
 // depends on its own row of x and its own rank row only); input columns past the end are zeros.
 // A segment of rank r still reads the rank class's rows of a (at most 128): extra bytes only where
-// a pool mixes ranks, and those come from L2 for every item of a segment after its first.
+// a pool mixes ranks, and those come from L2 for every item of a segment after its first (16-row
+// boxes up to the rank were measured no faster: results/diag/prefill_bulk_s17_h200.txt).
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 
 #include "sgmv_common.cuh"
 #include "tma.cuh"
@@ -83,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], kConsumerWarps);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
     tma_prefetch_map(&xmap);
     tma_prefetch_map(&wmap);
   }
@@ -178,15 +181,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <typename T, int KP>
-cudaError_t launch_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
+cudaError_t launch_bulk(const ShrinkParams& p, const LaunchOptions& o) {
   auto kernel = shrink_bulk_kernel<T, KP>;
   const int K = p.in_features;
   const int rows_per_slot = int(p.w_slot_stride / K);   // layers x stored rank rows
   CUtensorMap xmap, wmap;
   // a's map starts at the layer's first row; the last slot's rows end at its stored rank
   const uint64_t wrows = uint64_t(std::max(p.seg.num_slots, 1) - 1) * rows_per_slot + p.seg.max_rank;
-  if (!encode_rows(&xmap, dt, p.x, K, p.seg.num_rows, uint64_t(p.x_stride) * 2, kBox, kRows) ||
-      !encode_rows(&wmap, dt, p.w, K, wrows, uint64_t(K) * 2, kBox, KP))
+  if (!encode_rows<T>(&xmap, p.x, K, p.seg.num_rows, uint64_t(p.x_stride) * 2, kBox, kRows) ||
+      !encode_rows<T>(&wmap, p.w, K, wrows, uint64_t(K) * 2, kBox, KP))
     return cudaErrorInvalidValue;
   const size_t smem = kHeadBytes + size_t(p.seg.num_seg + 1) * sizeof(int) + 1024 +
                       size_t(ring_stages<KP>()) * stage_bytes<KP>() + red_bytes<KP>();
@@ -199,10 +202,10 @@ cudaError_t launch_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o)
 }
 
 template <typename T>
-cudaError_t bulk_by_class(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
+cudaError_t bulk_by_class(const ShrinkParams& p, const LaunchOptions& o) {
   const int r = p.seg.max_rank;
-  return r <= 16 ? launch_bulk<T, 16>(dt, p, o) : r <= 32 ? launch_bulk<T, 32>(dt, p, o)
-         : r <= 64 ? launch_bulk<T, 64>(dt, p, o) : launch_bulk<T, 128>(dt, p, o);
+  return r <= 16 ? launch_bulk<T, 16>(p, o) : r <= 32 ? launch_bulk<T, 32>(p, o)
+         : r <= 64 ? launch_bulk<T, 64>(p, o) : launch_bulk<T, 128>(p, o);
 }
 
 }  // namespace
@@ -226,7 +229,7 @@ bool shrink_bulk_fits(const ShrinkParams& p, const LaunchOptions& o) {
 
 cudaError_t shrink_bulk(DType dt, const ShrinkParams& p, const LaunchOptions& o) {
   if (!o.vec || p.seg.max_rank > kMaxRank) return cudaErrorInvalidValue;
-  return dt == DType::kHalf ? bulk_by_class<__half>(dt, p, o) : bulk_by_class<__nv_bfloat16>(dt, p, o);
+  return dt == DType::kHalf ? bulk_by_class<__half>(p, o) : bulk_by_class<__nv_bfloat16>(p, o);
 }
 
 }  // namespace punica

@@ -6,6 +6,8 @@
 #include <cuda.h>            // CUtensorMap (the type only; the encoder comes from the runtime)
 #include <cudaTypedefs.h>
 
+#include <type_traits>
+
 #include "sgmv_common.cuh"
 
 namespace punica {
@@ -43,21 +45,25 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A 2-D map over rows of `cols` 2-byte elements, `row_bytes` apart, read and written as boxes
-// of box_rows x box_cols (64: one 128-byte row) with the 128-byte swizzle (swz(row, k, 64)'s
-// layout in shared memory); loads out of range read zeros, stores out of range are dropped.
-inline bool encode_rows(CUtensorMap* map, DType dt, const void* base, uint64_t cols, uint64_t rows,
-                        uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows) {
+// A 2-D map over rows of `cols` elements of T (__half or __nv_bfloat16), `row_bytes` apart, read
+// and written as boxes of box_rows x box_cols (64: one 128-byte row) with the 128-byte swizzle
+// (swz(row, k, 64)'s layout in shared memory); loads out of range read zeros, stores out of range
+// are dropped.
+template <typename T>
+bool encode_rows(CUtensorMap* map, const void* base, uint64_t cols, uint64_t rows,
+                 uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "fp16 or bf16");
   const auto encode = tensor_map_encoder();
   if (!encode) return false;
   const cuuint64_t dims[2] = {cols, rows};
   const cuuint64_t strides[1] = {row_bytes};
   const cuuint32_t box[2] = {box_cols, box_rows};
   const cuuint32_t elem[2] = {1, 1};
-  return encode(map, dt == DType::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                2, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  const auto type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return encode(map, type, 2, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace punica

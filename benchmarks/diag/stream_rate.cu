@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&full[i], MODE == kTma ? 1 : 32);
       mbar_init(&empty[i], kConsumerWarps);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
   }
   __syncthreads();
   if (warp == kConsumerWarps) {   // producer

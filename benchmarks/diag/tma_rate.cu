@@ -62,9 +62,7 @@ __global__ void __launch_bounds__(64, 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 1);
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
+    mbar_init_fence();
   }
   __syncthreads();
   const int bands = kRows / R, steps = kCols / (64 * nb);
@@ -134,11 +132,11 @@ int main(int argc, char** argv) {
         std::printf("3d map failed\n");
         continue;
       }
-    } else if (!encode_rows(&xmap, DType::kBFloat16, x, kCols, kRows, uint64_t(kCols) * 2, 64, R)) {
+    } else if (!encode_rows<__nv_bfloat16>(&xmap, x, kCols, kRows, uint64_t(kCols) * 2, 64, R)) {
       std::printf("2d map failed\n");
       continue;
     }
-    if (!encode_rows(&wmap, DType::kBFloat16, w, kCols, kWRows, uint64_t(kCols) * 2, 64,
+    if (!encode_rows<__nv_bfloat16>(&wmap, w, kCols, kWRows, uint64_t(kCols) * 2, 64,
                      wrows > 0 ? wrows : 16))
       return 1;
     const int stage = (R + wrows) * 64 * nb * 2;

@@ -432,14 +432,13 @@ def test_bulk_shrink(kernels, dtype, fin, pool, ranks):
 
 @pytest.mark.parametrize("knobs", [
     {"PUNICA_PREFILL": "mma", "PUNICA_SHRINK_BULK": "0"},
-    {"PUNICA_PREFILL": "pipe", "PUNICA_SHRINK_BULK": "0"},
-    {"PUNICA_SHRINK_BULK": "1"}], ids=["mma", "pipe", "bulk-shrink"])
+    {"PUNICA_SHRINK_BULK": "1"}], ids=["mma", "bulk-shrink"])
 def test_other_prefill_kernels_still_match(knobs):
     """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
-    tensor-core kernel that sm_90 replaced with the pipelined one, =pipe the shrink on the
-    pipelined one (a cluster split of the input dimension) instead of sgmv_shrink.cu's;
-    PUNICA_SHRINK_BULK=1 the bulk shrink for every prefill shape it takes, small ones included. The sanitizer cases, in a
-    child."""
+    tensor-core kernel that sm_90 replaced with the pipelined one (and, with
+    PUNICA_SHRINK_BULK=0, the shrink on sgmv_shrink.cu's whatever the shapes);
+    PUNICA_SHRINK_BULK=1 the bulk shrink for every prefill shape it takes, small ones and rank-16
+    pools included. The sanitizer cases, in a child."""
     import os
     import subprocess
     env = dict(os.environ, **knobs)
