@@ -21,9 +21,7 @@
 namespace punica {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kExpandBN = 64;     // columns per tile
-constexpr int kExpandBM = 128;    // rows per tile (a 16 KB y tile)
 constexpr size_t kRingBudget = 196 * 1024;  // the stages' shared memory (the work list follows)
 
 // A stage is a y tile and the b tile of the same width (KP rows).
@@ -56,9 +54,12 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
 
 // ------------------------------------------------------------------------------------------
 // Expand.
-template <typename T, int KP>
-__global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p, int S) {
-  constexpr int kBM = kExpandBM, kBN = kExpandBN, CH = kBN / 8;  // 16-byte chunks per row
+// BM rows a tile, 2 * BM threads (warps of 32 rows x 32 columns); BM = 256 (PUNICA_EXPAND_BM,
+// diagnostics) halves b's bytes per y byte, on one CTA a SM.
+template <typename T, int KP, int BM>
+__global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(ExpandParams p, int S, int diag) {
+  constexpr int kThreads = 2 * BM;
+  constexpr int kBM = BM, kBN = kExpandBN, CH = kBN / 8;  // 16-byte chunks per row
   constexpr int WMC = kBM / 32;                       // warps along rows (32 rows x 32 columns)
   constexpr int kYElems = kBM * kBN, kStageElems = kYElems + KP * kBN;
   constexpr int KS = KP / 16;  // k16 steps of the rank class
@@ -119,9 +120,9 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
 #pragma unroll
     for (int i = tid; i < kBM * CH; i += kThreads) {
       const int row = i / CH, c8 = (i % CH) * 8;
-      if (row < rows && n0 + c8 < N) cp_async16(ys + swz(row, c8, kBN), yt + int64_t(row) * p.y_stride + c8, 16);
+      if (row < rows && n0 + c8 < N && diag != 3) cp_async16(ys + swz(row, c8, kBN), yt + int64_t(row) * p.y_stride + c8, 16);
     }
-    const int kp16 = min(KP, ceil_div(c.g.rank, 16) * 16);
+    const int kp16 = min(diag == 1 ? 16 : KP, ceil_div(c.g.rank, 16) * 16);
     const T* wp = w + c.g.slot * p.w_slot_stride + n0;
     for (int i = tid; i < kp16 * CH; i += kThreads) {
       const int k = i / CH, c8 = (i % CH) * 8;
@@ -174,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
     float acc[2][4][4] = {};
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-      if (ks >= kp16) break;
+      if (ks >= kp16 || (diag == 2 && ks >= 1)) break;
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
         uint32_t bf[4];
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 2) expand_pipe_kernel(ExpandParams p
 #pragma unroll
       for (int i = tid; i < kBM * CH; i += kThreads) {
         const int row = i / CH, c8 = (i % CH) * 8;
-        if (row < rows && n0 + c8 < N)
+        if (row < rows && n0 + c8 < N && diag != 4)
           *reinterpret_cast<uint4*>(yt + int64_t(row) * p.y_stride + c8) =
               *reinterpret_cast<const uint4*>(ys + swz(row, c8, kBN));
       }
@@ -218,20 +219,35 @@ size_t prefix_bytes(int num_seg) {
 // CTAs of `kernel` a SM at `smem` bytes, asked once per (kernel, size): an occupancy query costs
 // microseconds of host time, which eager steps would pay per launch.
 template <typename Kernel>
-int cached_blocks_per_sm(Kernel kernel, size_t smem) {
+int cached_blocks_per_sm(Kernel kernel, int threads, size_t smem) {
   static size_t last_smem = 0;  // per instantiation
   static int last = 1;
   if (smem != last_smem) {
-    last = blocks_per_sm(kernel, kThreads, smem);
+    last = blocks_per_sm(kernel, threads, smem);
     last_smem = smem;
   }
   return last;
 }
+// PUNICA_EXPAND_DIAG=N (diagnostics only, read once; wrong results): 1 copies only the first 16
+// rank rows of b, 2 runs only the first k16 step of the MMAs, 3 copies no y tile, 4 stores no y.
+// Each takes one part of a tile's work away, to see what the rank-64 expand's time is made of.
+int expand_diag() {
+  static const char* env = std::getenv("PUNICA_EXPAND_DIAG");
+  static const int n = env ? std::atoi(env) : 0;
+  return n;
+}
+
+int expand_bm() {
+  static const char* env = std::getenv("PUNICA_EXPAND_BM");
+  static const int n = env ? std::atoi(env) : 128;
+  return n;
+}
+
 // The rank class is the pool's stored rank rounded up to 16, 32, 64 or 128.
-template <typename T, int KP>
+template <typename T, int KP, int BM>
 cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o) {
-  constexpr int kBM = kExpandBM, kBN = kExpandBN;
-  auto kernel = expand_pipe_kernel<T, KP>;
+  constexpr int kBM = BM, kBN = kExpandBN;
+  auto kernel = expand_pipe_kernel<T, KP, BM>;
   const int S = ring_slots(stages_for(size_t(kBM * kBN + KP * kBN) * sizeof(T)));
   const size_t smem = size_t(S) * (kBM * kBN + KP * kBN) * sizeof(T) + prefix_bytes(p.seg.num_seg);
   cudaError_t err = allow_smem(kernel, smem);
@@ -239,16 +255,19 @@ cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o) {
   // the CTAs that fit at once, at most one per tile
   const int64_t tiles = (int64_t(ceil_div(p.seg.num_rows, kBM)) + p.seg.num_seg) *
                         ceil_div(p.out_features, kBN);
-  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm(kernel, smem);
+  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm(kernel, 2 * BM, smem);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, resident)));
-  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, S);
+  return launch(kernel, dim3(grid), dim3(2 * BM), smem, o.stream, false, p, S, expand_diag());
 }
 
 template <typename T>
 cudaError_t expand_by_class(const ExpandParams& p, const LaunchOptions& o) {
   const int r = p.seg.max_rank;
-  return r <= 16 ? launch_expand<T, 16>(p, o) : r <= 32 ? launch_expand<T, 32>(p, o)
-         : r <= 64 ? launch_expand<T, 64>(p, o) : launch_expand<T, 128>(p, o);
+  if (expand_bm() == 256)
+    return r <= 16 ? launch_expand<T, 16, 256>(p, o) : r <= 32 ? launch_expand<T, 32, 256>(p, o)
+           : r <= 64 ? launch_expand<T, 64, 256>(p, o) : launch_expand<T, 128, 128>(p, o);
+  return r <= 16 ? launch_expand<T, 16, 128>(p, o) : r <= 32 ? launch_expand<T, 32, 128>(p, o)
+         : r <= 64 ? launch_expand<T, 64, 128>(p, o) : launch_expand<T, 128, 128>(p, o);
 }
 
 }  // namespace
