@@ -17,11 +17,14 @@
 #include <cstring>
 
 #include "sgmv_common.cuh"
+#include "tma.cuh"
 
 namespace punica {
 namespace {
 
+constexpr int kThreads = 256;
 constexpr int kExpandBN = 64;     // columns per tile
+constexpr int kExpandBM = 128;    // rows per tile (a 16 KB y tile)
 constexpr size_t kRingBudget = 196 * 1024;  // the stages' shared memory (the work list follows)
 
 // A stage is a y tile and the b tile of the same width (KP rows).
@@ -54,18 +57,54 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
 
 // ------------------------------------------------------------------------------------------
 // Expand.
-// BM rows a tile, 2 * BM threads (warps of 32 rows x 32 columns); BM = 256 (PUNICA_EXPAND_BM,
-// diagnostics) halves b's bytes per y byte, on one CTA a SM.
-template <typename T, int KP, int BM>
-__global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(ExpandParams p, int S, int diag) {
-  constexpr int kThreads = 2 * BM;
-  constexpr int kBM = BM, kBN = kExpandBN, CH = kBN / 8;  // 16-byte chunks per row
+// y += v @ b for a tile's 128 x 64 cells in shared memory, from the warp's MMA accumulators (32
+// rows x 32 columns at row0, col0): ldmatrix gives 8 x 8 blocks of the tile in the accumulators'
+// layout, so each thread adds its cells in fp32, rounds each once (as add_fragments does) and
+// writes them back with stmatrix: 4 + 4 instructions for what add_fragments moves with 16 + 16.
+template <typename T>
+__device__ __forceinline__ void add_fragments_ldsm(T* tile, const float (&acc)[2][4][4], int row0,
+                                                   int col0, int lane) {
+  using T2 = typename Pair<T>::type;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {
+      // lanes 8m..8m+7 address matrix m's rows: m & 1 picks rows +8, m >> 1 columns +8
+      const int row = row0 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      T* cell = tile + swz(row, col0 + np * 16 + (lane >> 4) * 8, kExpandBN);
+      uint32_t r[4];
+      ldmatrix_x4(r, cell);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float* a = &acc[mi][2 * np + (j >> 1)][(j & 1) * 2];
+        T2 cur = *reinterpret_cast<const T2*>(&r[j]);
+        const float2 f = to_float2(cur);
+        cur.x = from_float<T>(f.x + a[0]);
+        cur.y = from_float<T>(f.y + a[1]);
+        r[j] = *reinterpret_cast<const uint32_t*>(&cur);
+      }
+      stmatrix_x4(cell, r);
+    }
+}
+
+// LEAN (sm_90, rank classes <= 64; PUNICA_EXPAND_LEAN=0 turns it off): fewer instructions a tile,
+// which is what the expand's time is made of (results/diag/prefill_expand_s18_h200.txt): full
+// tiles are copied without per-chunk bounds checks, y is updated by ldmatrix / stmatrix, and a
+// full tile goes back to y as one TMA store issued by one thread (partial tiles by the threads,
+// as before). A 4-slot ring with copies two tiles ahead, so a slot is copied into only after the
+// store of the tile it held two tiles before has read it.
+template <typename T, int KP, bool LEAN>
+__global__ void __launch_bounds__(kThreads, 2)
+    expand_pipe_kernel(ExpandParams p, const __grid_constant__ CUtensorMap ymap, int S, int diag) {
+  constexpr int kBM = kExpandBM, kBN = kExpandBN, CH = kBN / 8;  // 16-byte chunks per row
   constexpr int WMC = kBM / 32;                       // warps along rows (32 rows x 32 columns)
   constexpr int kYElems = kBM * kBN, kStageElems = kYElems + KP * kBN;
   constexpr int KS = KP / 16;  // k16 steps of the rank class
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* ring = reinterpret_cast<T*>(smem_raw);
+  if (LEAN) ring += ((1024u - (smem_u32(ring) & 1023u)) & 1023u) / sizeof(T);  // the 128-byte swizzle
   int* prefix = reinterpret_cast<int*>(ring + size_t(S) * kStageElems);
+  const int D = LEAN ? S - 2 : S - 1;  // tiles copied ahead of the one being computed
 
   const SegmentArgs& sa = p.seg;
   const int N = p.out_features, ntiles = ceil_div(N, kBN);
@@ -82,6 +121,7 @@ __global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(
   const int t_begin = int(int64_t(total) * blockIdx.x / gridDim.x);
   const int t_end = int(int64_t(total) * (blockIdx.x + 1) / gridDim.x);
   if (t_begin >= t_end) return;
+  if (LEAN && tid == 0) tma_prefetch_map(&ymap);
 
   // A position in the tile sequence: tile t is column tile ct of row block rb of segment s.
   struct Cursor {
@@ -106,6 +146,9 @@ __global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(
       ++c.rb;
     }
   };
+  auto full_tile = [&](const Cursor& c) {
+    return c.g.end - (c.g.start + c.rb * kBM) >= kBM && (c.ct + 1) * kBN <= N;
+  };
 
   // Copies tile c's y tile and its rank rows of b into ring slot `slot`. y rows past the segment
   // and columns past out are not copied (their results are never stored); b's rows from the rank
@@ -117,13 +160,33 @@ __global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(
     const int m0 = c.g.start + c.rb * kBM, n0 = c.ct * kBN;
     const int rows = min(kBM, c.g.end - m0);
     const T* yt = y + p.col_offset + n0 + int64_t(m0) * p.y_stride;
+    const int kp16 = min(diag == 1 ? 16 : KP, ceil_div(c.g.rank, 16) * 16);
+    const T* wp = w + c.g.slot * p.w_slot_stride + n0;
+    if (LEAN && full_tile(c)) {
+      // each thread's chunks are one column of chunks, 32 rows apart (32 & 7 == 0: same swizzle)
+      constexpr int kStep = kThreads / CH;
+      const int row = tid / CH, c8 = (tid % CH) * 8;
+      const T* src = yt + int64_t(row) * p.y_stride + c8;
+      T* dst = ys + swz(row, c8, kBN);
+      if (diag != 3) {
+#pragma unroll
+        for (int j = 0; j < kBM / kStep; ++j)
+          cp_async16(dst + j * kStep * kBN, src + int64_t(j * kStep) * p.y_stride, 16);
+      }
+#pragma unroll
+      for (int j = 0; j < ceil_div(KP * CH, kThreads); ++j) {
+        const int k = row + j * kStep;
+        if (k >= kp16) break;
+        const bool ok = k < c.g.rank;
+        cp_async16(ws + swz(k, c8, kBN), ok ? wp + int64_t(k) * N + c8 : wp, ok ? 16 : 0);
+      }
+      return;
+    }
 #pragma unroll
     for (int i = tid; i < kBM * CH; i += kThreads) {
       const int row = i / CH, c8 = (i % CH) * 8;
       if (row < rows && n0 + c8 < N && diag != 3) cp_async16(ys + swz(row, c8, kBN), yt + int64_t(row) * p.y_stride + c8, 16);
     }
-    const int kp16 = min(diag == 1 ? 16 : KP, ceil_div(c.g.rank, 16) * 16);
-    const T* wp = w + c.g.slot * p.w_slot_stride + n0;
     for (int i = tid; i < kp16 * CH; i += kThreads) {
       const int k = i / CH, c8 = (i % CH) * 8;
       if (n0 + c8 >= N) continue;
@@ -151,7 +214,7 @@ __global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(
   Cursor pc, cc;
   seek(pc, t_begin);
   cc = pc;
-  for (int st = 0; st < S - 1; ++st) {
+  for (int st = 0; st < D; ++st) {
     if (pc.t < t_end) {
       issue(pc, st);
       advance(pc);
@@ -161,10 +224,11 @@ __global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(
   load_v(cc);
 
   for (int slot = 0; cc.t < t_end; slot = slot + 1 == S ? 0 : slot + 1) {
-    cp_async_wait_dyn(S - 2);
-    __syncthreads();  // tile cc landed for every thread; the slot of the tile before is free
+    cp_async_wait_dyn(D - 1);
+    if (LEAN && tid == 0) tma_store_wait_read<1>();  // the slot copied into next is free
+    __syncthreads();  // tile cc landed for every thread; the slot copied into next is free
     if (pc.t < t_end) {
-      issue(pc, slot == 0 ? S - 1 : slot - 1);
+      issue(pc, slot + D < S ? slot + D : slot + D - S);
       advance(pc);
     }
     cp_async_commit();
@@ -187,10 +251,18 @@ __global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(
         }
       }
     }
-    add_fragments<T, kBN>(ys, acc, wm * 32, wn * 32, lane);  // y += C in shared memory
+    const int m0 = cc.g.start + cc.rb * kBM, n0 = cc.ct * kBN;
+    if (LEAN) {
+      add_fragments_ldsm<T>(ys, acc, wm * 32, wn * 32, lane);
+      fence_smem_to_async();
+    } else {
+      add_fragments<T, kBN>(ys, acc, wm * 32, wn * 32, lane);  // y += C in shared memory
+    }
     __syncthreads();
-    {
-      const int m0 = cc.g.start + cc.rb * kBM, n0 = cc.ct * kBN;
+    if (LEAN && full_tile(cc)) {
+      if (tid == 0 && diag != 4) tma_store_2d(&ymap, n0, m0, ys);
+      if (tid == 0) tma_store_commit();
+    } else {
       const int rows = min(kBM, cc.g.end - m0);
       T* yt = y + p.col_offset + n0 + int64_t(m0) * p.y_stride;
 #pragma unroll
@@ -206,6 +278,7 @@ __global__ void __launch_bounds__(2 * BM, BM == 128 ? 2 : 1) expand_pipe_kernel(
     if (cc.t < t_end && (cc.rb != rb || cc.s != s)) load_v(cc);  // a new row block
   }
   cp_async_wait<0>();
+  if (LEAN && tid == 0) tma_store_wait_all();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -219,11 +292,11 @@ size_t prefix_bytes(int num_seg) {
 // CTAs of `kernel` a SM at `smem` bytes, asked once per (kernel, size): an occupancy query costs
 // microseconds of host time, which eager steps would pay per launch.
 template <typename Kernel>
-int cached_blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+int cached_blocks_per_sm(Kernel kernel, size_t smem) {
   static size_t last_smem = 0;  // per instantiation
   static int last = 1;
   if (smem != last_smem) {
-    last = blocks_per_sm(kernel, threads, smem);
+    last = blocks_per_sm(kernel, kThreads, smem);
     last_smem = smem;
   }
   return last;
@@ -237,37 +310,57 @@ int expand_diag() {
   return n;
 }
 
-int expand_bm() {
-  static const char* env = std::getenv("PUNICA_EXPAND_BM");
-  static const int n = env ? std::atoi(env) : 128;
-  return n;
+// The LEAN kernel for rank classes <= 64; PUNICA_EXPAND_LEAN=0 (diagnostics, read once): the
+// kernel without it.
+bool expand_lean() {
+  static const char* env = std::getenv("PUNICA_EXPAND_LEAN");
+  static const bool on = !(env && std::strcmp(env, "0") == 0);
+  return on;
 }
 
 // The rank class is the pool's stored rank rounded up to 16, 32, 64 or 128.
-template <typename T, int KP, int BM>
-cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o) {
-  constexpr int kBM = BM, kBN = kExpandBN;
-  auto kernel = expand_pipe_kernel<T, KP, BM>;
-  const int S = ring_slots(stages_for(size_t(kBM * kBN + KP * kBN) * sizeof(T)));
-  const size_t smem = size_t(S) * (kBM * kBN + KP * kBN) * sizeof(T) + prefix_bytes(p.seg.num_seg);
+template <typename T, int KP, bool LEAN>
+cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o, const CUtensorMap& ymap) {
+  constexpr int kBM = kExpandBM, kBN = kExpandBN;
+  auto kernel = expand_pipe_kernel<T, KP, LEAN>;
+  const size_t stage = size_t(kBM * kBN + KP * kBN) * sizeof(T);
+  const int S = LEAN ? std::min(4, stages_for(stage)) : ring_slots(stages_for(stage));
+  const size_t smem = size_t(S) * stage + prefix_bytes(p.seg.num_seg) + (LEAN ? 1024 : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   // the CTAs that fit at once, at most one per tile
   const int64_t tiles = (int64_t(ceil_div(p.seg.num_rows, kBM)) + p.seg.num_seg) *
                         ceil_div(p.out_features, kBN);
-  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm(kernel, 2 * BM, smem);
+  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm(kernel, smem);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, resident)));
-  return launch(kernel, dim3(grid), dim3(2 * BM), smem, o.stream, false, p, S, expand_diag());
+  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, ymap, S, expand_diag());
+}
+
+template <typename T, bool LEAN>
+cudaError_t expand_by_class(const ExpandParams& p, const LaunchOptions& o, const CUtensorMap& m) {
+  const int r = p.seg.max_rank;
+  return r <= 16 ? launch_expand<T, 16, LEAN>(p, o, m) : r <= 32 ? launch_expand<T, 32, LEAN>(p, o, m)
+                                                       : launch_expand<T, 64, LEAN>(p, o, m);
+}
+
+// y's map for the LEAN kernel's stores: rows of `out` columns from the column offset, boxes of a
+// tile (128 rows x 64 columns). False where TMA cannot address y (the offset or the stride not
+// a multiple of 16 bytes) or the driver lacks the encoder.
+template <typename T>
+bool encode_y(CUtensorMap* map, const ExpandParams& p) {
+  const auto base = reinterpret_cast<uintptr_t>(static_cast<const T*>(p.y) + p.col_offset);
+  if (base % 16 != 0 || (int64_t(p.y_stride) * sizeof(T)) % 16 != 0 || p.seg.num_rows < 1) return false;
+  return encode_rows<T>(map, reinterpret_cast<const void*>(base), p.out_features, p.seg.num_rows,
+                        uint64_t(p.y_stride) * sizeof(T), kExpandBN, kExpandBM);
 }
 
 template <typename T>
-cudaError_t expand_by_class(const ExpandParams& p, const LaunchOptions& o) {
-  const int r = p.seg.max_rank;
-  if (expand_bm() == 256)
-    return r <= 16 ? launch_expand<T, 16, 256>(p, o) : r <= 32 ? launch_expand<T, 32, 256>(p, o)
-           : r <= 64 ? launch_expand<T, 64, 256>(p, o) : launch_expand<T, 128, 128>(p, o);
-  return r <= 16 ? launch_expand<T, 16, 128>(p, o) : r <= 32 ? launch_expand<T, 32, 128>(p, o)
-         : r <= 64 ? launch_expand<T, 64, 128>(p, o) : launch_expand<T, 128, 128>(p, o);
+cudaError_t expand_typed(const ExpandParams& p, const LaunchOptions& o) {
+  CUtensorMap ymap = {};
+  if (p.seg.max_rank <= 64 && expand_lean() && encode_y<T>(&ymap, p))
+    return expand_by_class<T, true>(p, o, ymap);
+  if (p.seg.max_rank > 64) return launch_expand<T, 128, false>(p, o, ymap);
+  return expand_by_class<T, false>(p, o, ymap);
 }
 
 }  // namespace
@@ -282,7 +375,7 @@ bool prefill_pipe(const LaunchOptions& o) {
 
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o) {
   if (!o.vec || p.seg.max_rank > kMaxRank) return cudaErrorInvalidValue;
-  return dt == DType::kHalf ? expand_by_class<__half>(p, o) : expand_by_class<__nv_bfloat16>(p, o);
+  return dt == DType::kHalf ? expand_typed<__half>(p, o) : expand_typed<__nv_bfloat16>(p, o);
 }
 
 }  // namespace punica
