@@ -95,7 +95,8 @@ __device__ __forceinline__ void add_fragments_ldsm(T* tile, const float (&acc)[2
 // store of the tile it held two tiles before has read it.
 template <typename T, int KP, bool LEAN>
 __global__ void __launch_bounds__(kThreads, 2)
-    expand_pipe_kernel(ExpandParams p, const __grid_constant__ CUtensorMap ymap, int S, int diag) {
+    expand_pipe_kernel(ExpandParams p, const __grid_constant__ CUtensorMap ymap, int S, int diag,
+                       bool tma_y) {
   constexpr int kBM = kExpandBM, kBN = kExpandBN, CH = kBN / 8;  // 16-byte chunks per row
   constexpr int WMC = kBM / 32;                       // warps along rows (32 rows x 32 columns)
   constexpr int kYElems = kBM * kBN, kStageElems = kYElems + KP * kBN;
@@ -105,6 +106,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (LEAN) ring += ((1024u - (smem_u32(ring) & 1023u)) & 1023u) / sizeof(T);  // the 128-byte swizzle
   int* prefix = reinterpret_cast<int*>(ring + size_t(S) * kStageElems);
   const int D = LEAN ? S - 2 : S - 1;  // tiles copied ahead of the one being computed
+  // tma_y (LEAN, PUNICA_EXPAND_TMA_LOAD=1): a full tile's y comes by one TMA box onto its slot's
+  // mbarrier (after the work list; every issued tile arrives on it once: the box's bytes or, for
+  // a partial tile, a plain arrival)
+  uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(prefix) +
+                                               (size_t(p.seg.num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024);
+  tma_y = LEAN && tma_y;
+  if (tma_y && threadIdx.x == 0) {
+    for (int i = 0; i < S; ++i) mbar_init(&bars[i], 1);
+    mbar_init_fence();
+  }
+  uint32_t phases = 0;  // bit i: the parity slot i's barrier completes next
 
   const SegmentArgs& sa = p.seg;
   const int N = p.out_features, ntiles = ceil_div(N, kBN);
@@ -168,7 +180,16 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int row = tid / CH, c8 = (tid % CH) * 8;
       const T* src = yt + int64_t(row) * p.y_stride + c8;
       T* dst = ys + swz(row, c8, kBN);
-      if (diag != 3) {
+      if (tma_y) {
+        if (tid == 0) {
+          if (diag != 3) {
+            mbar_arrive_expect_tx(&bars[slot], kYElems * sizeof(T));
+            tma_load_2d(ys, &ymap, n0, m0, &bars[slot]);
+          } else {
+            mbar_arrive(&bars[slot]);
+          }
+        }
+      } else if (diag != 3) {
 #pragma unroll
         for (int j = 0; j < kBM / kStep; ++j)
           cp_async16(dst + j * kStep * kBN, src + int64_t(j * kStep) * p.y_stride, 16);
@@ -182,6 +203,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       return;
     }
+    if (tma_y && tid == 0) mbar_arrive(&bars[slot]);
 #pragma unroll
     for (int i = tid; i < kBM * CH; i += kThreads) {
       const int row = i / CH, c8 = (i % CH) * 8;
@@ -225,6 +247,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int slot = 0; cc.t < t_end; slot = slot + 1 == S ? 0 : slot + 1) {
     cp_async_wait_dyn(D - 1);
+    if (tma_y) {
+      mbar_wait(&bars[slot], (phases >> slot) & 1u);
+      phases ^= 1u << slot;
+    }
     if (LEAN && tid == 0) tma_store_wait_read<1>();  // the slot copied into next is free
     __syncthreads();  // tile cc landed for every thread; the slot copied into next is free
     if (pc.t < t_end) {
@@ -318,6 +344,13 @@ bool expand_lean() {
   return on;
 }
 
+// PUNICA_EXPAND_TMA_LOAD=1 (diagnostics, read once): the LEAN kernel's full y tiles by TMA loads.
+bool expand_tma_load() {
+  static const char* env = std::getenv("PUNICA_EXPAND_TMA_LOAD");
+  static const bool on = env && std::strcmp(env, "1") == 0;
+  return on;
+}
+
 // The rank class is the pool's stored rank rounded up to 16, 32, 64 or 128.
 template <typename T, int KP, bool LEAN>
 cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o, const CUtensorMap& ymap) {
@@ -325,7 +358,7 @@ cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o, const C
   auto kernel = expand_pipe_kernel<T, KP, LEAN>;
   const size_t stage = size_t(kBM * kBN + KP * kBN) * sizeof(T);
   const int S = LEAN ? std::min(4, stages_for(stage)) : ring_slots(stages_for(stage));
-  const size_t smem = size_t(S) * stage + prefix_bytes(p.seg.num_seg) + (LEAN ? 1024 : 0);
+  const size_t smem = size_t(S) * stage + prefix_bytes(p.seg.num_seg) + (LEAN ? 1024 + S * 8 : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   // the CTAs that fit at once, at most one per tile
@@ -333,7 +366,8 @@ cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o, const C
                         ceil_div(p.out_features, kBN);
   const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm(kernel, smem);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, resident)));
-  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, ymap, S, expand_diag());
+  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, ymap, S, expand_diag(),
+                LEAN && expand_tma_load());
 }
 
 template <typename T, bool LEAN>
