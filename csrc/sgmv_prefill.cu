@@ -1,12 +1,13 @@
 // The prefill expand as a memory pipeline (sm_90): y[rows, off:off+out] += v[rows, :r] @ b[slot, :r].
-// The shape of a LoRA prefill expand is a matmul with a tiny inner dimension, so its time is the
-// bytes of y read and written, not the MMAs. sgmv_expand.cu's tensor-core kernel loads, computes
-// and stores one item at a time; expand_pipe_kernel streams a CTA's run of tiles through a ring of
-// cp.async stages. Tiles of 128 rows x 64 columns, two CTAs a SM; every CTA takes an equal
-// contiguous run of the launch's tiles (in segment, row-block, column order) and streams their y
-// and b tiles through a ring of 3 stages; the row block's v stays in registers as MMA fragments,
-// reloaded only when the row block changes. y is updated in fp32 in shared memory and written
-// back with 16-byte stores.
+// The shape of a LoRA prefill expand is a matmul with a tiny inner dimension: few MMAs for the
+// bytes of y read and written. sgmv_expand.cu's tensor-core kernel loads, computes and stores one
+// item at a time; expand_pipe_kernel streams a CTA's run of tiles through a ring of cp.async
+// stages. Tiles of 128 rows x 64 columns, two CTAs a SM; every CTA takes an equal contiguous run
+// of the launch's tiles (in segment, row-block, column order) and streams their y and b tiles two
+// tiles ahead; the row block's v stays in registers as MMA fragments, reloaded only when the row
+// block changes. y is updated in fp32 in shared memory and written back with 16-byte stores, or,
+// on the LEAN path (rank classes <= 64), by ldmatrix / stmatrix and one TMA store a full tile:
+// measured, the time goes to the instructions of the per-tile chain more than to the bytes.
 // Ranks are per segment (any 1..128 in one launch); the kernel's rank class only sizes its
 // tiles. Rows past a segment are never read or written; weight rows past a slot's rank are never
 // read (zeros take their place); v's columns past the rank are never read.
