@@ -607,13 +607,39 @@ def plot(res, path):
     fig.savefig(path, dpi=110)
 
 
+def punica_env():
+    """The PUNICA_* settings of this run (kernel knobs change what is measured)."""
+    import os
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("PUNICA_")}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="re-run only the prefill cases into the existing --out file (its decode "
+                         "and mixed results kept, the acceptance recomputed, the re-run recorded "
+                         "under prefill_rerun): for a change to the prefill kernels alone")
     args = ap.parse_args()
     assert torch.cuda.is_available() and cuda_backend.available(), "needs the CUDA kernels"
     torch.manual_seed(0)
+    if args.prefill_only:
+        out = Path(args.out)
+        res = json.loads(out.read_text())
+        t0 = time.time()
+        res["prefill"] = run_prefill(res.get("quick", False))
+        res["acceptance"] = acceptance(res, res["copy_bandwidth_Bps"])
+        res["prefill_rerun"] = {"device": torch.cuda.get_device_properties(0).name, "env": punica_env(),
+                                "torch": torch.__version__, "wall_s": time.time() - t0,
+                                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        out.write_text(json.dumps(res, indent=1))
+        try:
+            plot(res, out.with_suffix(".png"))
+        except Exception as e:
+            print("plot failed:", e)
+        print(json.dumps(res["acceptance"]["prefill_seg_ge_512"], indent=1))
+        return
     props = torch.cuda.get_device_properties(0)
     copy_bw = copy_bandwidth()
     print(f"{props.name}: {props.multi_processor_count} SMs, copy bandwidth "
@@ -622,7 +648,7 @@ def main():
            "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(DT),
            "kernels_source": cuda_backend.source, "copy_bandwidth_Bps": copy_bw,
            "method": "median of CUDA-graph replays; weights rotated over >= 256 MB per replay",
-           "quick": args.quick}
+           "quick": args.quick, "env": punica_env()}
     t0 = time.time()
     res["empty_pair_s"] = launch_floor()
     res["decode"] = run_decode(copy_bw, args.quick)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["sgmv_ops.cpp", "sgmv_shrink.cu", "sgmv_expand.cu", "sgmv_prefill.cu", "sgmv_shrink_bulk.cu", "lora_fused.cu", "lora_stream.cu"]
+SOURCES = ["sgmv_ops.cpp", "sgmv_shrink.cu", "sgmv_expand.cu", "sgmv_prefill.cu", "sgmv_expand_strip.cu", "sgmv_shrink_bulk.cu", "lora_fused.cu", "lora_stream.cu"]
 HEADERS = ["sgmv.h", "sgmv_common.cuh", "tma.cuh"]
 EXT_NAME = "punica_core._sgmv_C"   # the prebuilt module that cuda_backend imports first
 

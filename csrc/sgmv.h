@@ -131,6 +131,11 @@ cudaError_t expand_mma(DType dt, const ExpandParams& p, const LaunchOptions& o);
 // op runs it instead of expand_mma (PUNICA_PREFILL=mma: never, for A/B runs).
 bool prefill_pipe(const LaunchOptions& o);
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o);
+// The same in column strips (sgmv_expand_strip.cu), for long segments: expand_strip_fits says
+// whether expand_pipe tries it; cudaErrorNotSupported where it does not take the call (rank
+// class over 64, unaligned v or y).
+bool expand_strip_fits(const ExpandParams& p);
+cudaError_t expand_strip(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
 // Prefill shrink as one stream of TMA tensor copies (sm_90; needs o.vec): 32-row items over the
 // whole input dimension, no K split (sgmv_shrink_bulk.cu).

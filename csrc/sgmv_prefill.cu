@@ -58,36 +58,6 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
 
 // ------------------------------------------------------------------------------------------
 // Expand.
-// y += v @ b for a tile's 128 x 64 cells in shared memory, from the warp's MMA accumulators (32
-// rows x 32 columns at row0, col0): ldmatrix gives 8 x 8 blocks of the tile in the accumulators'
-// layout, so each thread adds its cells in fp32, rounds each once (as add_fragments does) and
-// writes them back with stmatrix: 4 + 4 instructions for what add_fragments moves with 16 + 16.
-template <typename T>
-__device__ __forceinline__ void add_fragments_ldsm(T* tile, const float (&acc)[2][4][4], int row0,
-                                                   int col0, int lane) {
-  using T2 = typename Pair<T>::type;
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int np = 0; np < 2; ++np) {
-      // lanes 8m..8m+7 address matrix m's rows: m & 1 picks rows +8, m >> 1 columns +8
-      const int row = row0 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      T* cell = tile + swz(row, col0 + np * 16 + (lane >> 4) * 8, kExpandBN);
-      uint32_t r[4];
-      ldmatrix_x4(r, cell);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float* a = &acc[mi][2 * np + (j >> 1)][(j & 1) * 2];
-        T2 cur = *reinterpret_cast<const T2*>(&r[j]);
-        const float2 f = to_float2(cur);
-        cur.x = from_float<T>(f.x + a[0]);
-        cur.y = from_float<T>(f.y + a[1]);
-        r[j] = *reinterpret_cast<const uint32_t*>(&cur);
-      }
-      stmatrix_x4(cell, r);
-    }
-}
-
 // LEAN (sm_90, rank classes <= 64; PUNICA_EXPAND_LEAN=0 turns it off): fewer instructions a tile,
 // which is what the expand's time is made of (results/diag/prefill_expand_s18_h200.txt): full
 // tiles are copied without per-chunk bounds checks, y is updated by ldmatrix / stmatrix, and a
@@ -280,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     const int m0 = cc.g.start + cc.rb * kBM, n0 = cc.ct * kBN;
     if (LEAN) {
-      add_fragments_ldsm<T>(ys, acc, wm * 32, wn * 32, lane);
+      add_fragments_ldsm<T>(ys, acc, wm * 32, wn * 32, lane);  // y += C in shared memory
       fence_smem_to_async();
     } else {
       add_fragments<T, kBN>(ys, acc, wm * 32, wn * 32, lane);  // y += C in shared memory
@@ -410,6 +380,10 @@ bool prefill_pipe(const LaunchOptions& o) {
 
 cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o) {
   if (!o.vec || p.seg.max_rank > kMaxRank) return cudaErrorInvalidValue;
+  if (expand_strip_fits(p)) {
+    const cudaError_t err = expand_strip(dt, p, o);
+    if (err != cudaErrorNotSupported) return err;
+  }
   return dt == DType::kHalf ? expand_typed<__half>(p, o) : expand_typed<__nv_bfloat16>(p, o);
 }
 
