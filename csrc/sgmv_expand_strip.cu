@@ -23,7 +23,10 @@ constexpr int kSlots = 4, kAhead = 2;           // a slot is copied into two til
 constexpr int kYElems = kBM * kBN, kVElems = kBM * 64, kStageElems = kYElems + kVElems;
 constexpr int kChunks = kBN / 8;                // 16-byte chunks in a tile row
 
-template <typename T, int KP, bool PDL>
+// TMA_Y (PUNICA_EXPAND_TMA_LOAD=1, as for sgmv_prefill.cu's LEAN kernel): a full tile's y comes
+// as two TMA boxes onto its slot's mbarrier (every issued tile arrives on it once: the boxes'
+// bytes or, for a partial tile, a plain arrival).
+template <typename T, int KP, bool PDL, bool TMA_Y>
 __global__ void __launch_bounds__(kThreads, 2)
     expand_strip_kernel(ExpandParams p, const __grid_constant__ CUtensorMap ymap) {
   constexpr int KS = KP / 16;
@@ -31,6 +34,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* ring = reinterpret_cast<T*>(smem_raw);
   ring += ((1024u - (smem_u32(ring) & 1023u)) & 1023u) / sizeof(T);  // the 128-byte swizzle
   int* prefix = reinterpret_cast<int*>(ring + kSlots * kStageElems);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(prefix) +
+                                               (size_t(p.seg.num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024);
+  if constexpr (TMA_Y) {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kSlots; ++i) mbar_init(&bars[i], 1);
+      mbar_init_fence();  // the work list's barriers order it before any use
+    }
+  }
+  uint32_t phases = 0;  // TMA_Y: bit i is the parity slot i's barrier completes next
 
   const SegmentArgs& sa = p.seg;
   const int N = p.out_features, nstrips = ceil_div(N, kBN);
@@ -96,7 +108,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     T* vs = ys + kYElems;
     const int m0 = c.g.start + c.rb * kBM, n0 = c.ct * kBN;
     const T* yt = y + p.col_offset + n0 + int64_t(m0) * p.y_stride;
-    if (full_tile(c)) {
+    if (TMA_Y && full_tile(c)) {
+      if (tid == 0) {
+        mbar_arrive_expect_tx(&bars[slot], kYElems * sizeof(T));
+        tma_load_2d(ys, &ymap, n0, m0, &bars[slot]);
+        tma_load_2d(ys + kBM * kHalf, &ymap, n0 + kHalf, m0, &bars[slot]);
+      }
+    } else if (full_tile(c)) {
       // each thread's four chunks are one column of chunks, 16 rows apart (16 & 7 == 0)
       const int row = tid / kChunks, col = (tid % kChunks) * 8;
       T* dst = cell(ys, row, col);
@@ -105,6 +123,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < kBM * kChunks / kThreads; ++j)
         cp_async16(dst + j * 16 * kHalf, src + int64_t(j * 16) * p.y_stride, 16);
     } else {
+      if (TMA_Y && tid == 0) mbar_arrive(&bars[slot]);
       const int rows = min(kBM, c.g.end - m0);
 #pragma unroll
       for (int i = tid; i < kBM * kChunks; i += kThreads) {
@@ -161,6 +180,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int slot = 0; cc.t < t_end; slot = slot + 1 == kSlots ? 0 : slot + 1) {
     cp_async_wait<kAhead - 1>();
+    if constexpr (TMA_Y) {
+      mbar_wait(&bars[slot], (phases >> slot) & 1u);
+      phases ^= 1u << slot;
+    }
     if (tid == 0) tma_store_wait_read<1>();  // the slot copied into next is free
     __syncthreads();  // tile cc landed for every thread; the slot copied into next is free
     if (pc.t < t_end) {
@@ -214,11 +237,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (tid == 0) tma_store_wait_all();
 }
 
-template <typename T, int KP, bool PDL>
+template <typename T, int KP, bool PDL, bool TMA_Y>
 cudaError_t launch_strip(const ExpandParams& p, const LaunchOptions& o, const CUtensorMap& ymap) {
-  auto kernel = expand_strip_kernel<T, KP, PDL>;
+  auto kernel = expand_strip_kernel<T, KP, PDL, TMA_Y>;
   const size_t smem = 1024 + size_t(kSlots) * kStageElems * sizeof(T) +
-                      (size_t(p.seg.num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024;
+                      (size_t(p.seg.num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024 +
+                      (TMA_Y ? kSlots * sizeof(uint64_t) : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   static size_t last_smem = 0;  // occupancy asked once per (instantiation, size)
@@ -232,6 +256,13 @@ cudaError_t launch_strip(const ExpandParams& p, const LaunchOptions& o, const CU
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, PDL, p, ymap);
 }
 
+template <typename T, bool PDL, bool TMA_Y>
+cudaError_t by_rank(int r, const ExpandParams& p, const LaunchOptions& o, const CUtensorMap& ymap) {
+  return r <= 16 ? launch_strip<T, 16, PDL, TMA_Y>(p, o, ymap)
+         : r <= 32 ? launch_strip<T, 32, PDL, TMA_Y>(p, o, ymap)
+                   : launch_strip<T, 64, PDL, TMA_Y>(p, o, ymap);
+}
+
 template <typename T>
 cudaError_t strip_typed(const ExpandParams& p, const LaunchOptions& o) {
   const auto ybase = reinterpret_cast<uintptr_t>(static_cast<const T*>(p.y) + p.col_offset);
@@ -241,16 +272,18 @@ cudaError_t strip_typed(const ExpandParams& p, const LaunchOptions& o) {
       !encode_rows<T>(&ymap, reinterpret_cast<const void*>(ybase), p.out_features, p.seg.num_rows,
                       uint64_t(p.y_stride) * sizeof(T), kHalf, kBM))
     return cudaErrorNotSupported;
-  // PUNICA_EXPAND_PDL=1 (read once; written in session 18 after the last GPU run, so off until
-  // measured): launched with PDL where the op asks for it.
-  static const char* env = std::getenv("PUNICA_EXPAND_PDL");
-  static const bool want_pdl = env && std::strcmp(env, "1") == 0;
+  // PUNICA_EXPAND_PDL=1, PUNICA_EXPAND_TMA_LOAD=1 (read once; written in session 18 after its last
+  // GPU run, so off until measured): PDL where the op asks for it; y by TMA loads.
+  static const char* pdl_env = std::getenv("PUNICA_EXPAND_PDL");
+  static const char* tma_env = std::getenv("PUNICA_EXPAND_TMA_LOAD");
+  static const bool want_pdl = pdl_env && std::strcmp(pdl_env, "1") == 0;
+  static const bool tma_y = tma_env && std::strcmp(tma_env, "1") == 0;
   const int r = p.seg.max_rank;
-  if (want_pdl && o.pdl)
-    return r <= 16 ? launch_strip<T, 16, true>(p, o, ymap) : r <= 32 ? launch_strip<T, 32, true>(p, o, ymap)
-                                                           : launch_strip<T, 64, true>(p, o, ymap);
-  return r <= 16 ? launch_strip<T, 16, false>(p, o, ymap) : r <= 32 ? launch_strip<T, 32, false>(p, o, ymap)
-                                                          : launch_strip<T, 64, false>(p, o, ymap);
+  const int variant = (want_pdl && o.pdl ? 1 : 0) | (tma_y ? 2 : 0);
+  return variant == 0 ? by_rank<T, false, false>(r, p, o, ymap)
+         : variant == 1 ? by_rank<T, true, false>(r, p, o, ymap)
+         : variant == 2 ? by_rank<T, false, true>(r, p, o, ymap)
+                        : by_rank<T, true, true>(r, p, o, ymap);
 }
 
 }  // namespace

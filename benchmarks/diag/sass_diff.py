@@ -60,8 +60,8 @@ def main():
     differ, matched = False, set()
     for name, code in old.items():
         twin = name
-        if name not in new:  # a template flag added since: the kernel with it false
-            twin = next((n for n in new if n.replace("Lb0E", "", 1) == name), None)
+        if name not in new:  # template flags added last since: the kernel with them false
+            twin = next((n for n in new if re.sub(r"(Lb0E)+(?=EEv)", "", n) == name), None)
         state = "gone" if twin is None else ("identical" if new[twin] == code else "DIFFERENT")
         matched.add(twin)
         differ |= state != "identical"
