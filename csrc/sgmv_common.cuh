@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "sgmv.h"
 
@@ -150,6 +151,13 @@ __device__ int build_worklist(int* prefix, int num_seg, CountFn count) {
   return prefix[num_seg];
 }
 
+// The work list's shared memory in 1 KB steps (up to 255 segments: 1 KB), so that launches of
+// similar batches share one shared-memory size (and one cached occupancy); what a kernel keeps
+// after its work list starts that far after it.
+__host__ __device__ __forceinline__ size_t prefix_bytes(int num_seg) {
+  return (size_t(num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024;
+}
+
 // The segment that owns work item t (prefix[s] <= t < prefix[s + 1]); empty segments own none.
 __device__ __forceinline__ int find_segment(const int* prefix, int num_seg, int t) {
   int lo = 0, hi = num_seg;
@@ -279,6 +287,20 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 #endif
+}
+// A ring of `n` stages with one mbarrier each (count 1), initialised by thread 0; a CTA barrier
+// must follow before any use.
+__device__ __forceinline__ void init_slot_bars(uint64_t* bars, int n) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < n; ++i) mbar_init(&bars[i], 1);
+    mbar_init_fence();
+  }
+}
+// Waits for stage `slot`'s barrier to complete its current phase; `phases` holds each stage's
+// next parity (one completion a use of the stage).
+__device__ __forceinline__ void wait_slot_bar(uint64_t* bars, uint32_t& phases, int slot) {
+  mbar_wait(&bars[slot], (phases >> slot) & 1u);
+  phases ^= 1u << slot;
 }
 // global -> shared bulk copy (TMA) completing `bytes` on the barrier; 16-byte aligned, size % 16.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes,
@@ -445,6 +467,27 @@ int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess)
     n = 1;
   return n > 0 ? n : 1;
+}
+
+// blocks_per_sm of one kernel, asked once per shared-memory size: an occupancy query costs
+// microseconds of host time, which eager steps would pay per launch. One cache per kernel (the
+// kernel is the template argument: kernels of one signature share a pointer type).
+template <auto Kernel>
+int cached_blocks_per_sm(int threads, size_t smem) {
+  static size_t last_smem = 0;
+  static int last = 1;
+  if (smem != last_smem) {
+    last = blocks_per_sm(Kernel, threads, smem);
+    last_smem = smem;
+  }
+  return last;
+}
+
+// An integer knob from the environment (diagnostics and A/B runs), `fallback` when unset; callers
+// keep the value in a static, so it is read once per process.
+inline int env_knob(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : fallback;
 }
 
 }  // namespace punica

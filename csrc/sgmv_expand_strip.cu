@@ -8,8 +8,6 @@
 // two TMA stores (boxes of 64 x 64, the tile's two halves) issued by one thread; partial tiles
 // by the threads' checked copies and stores. Ranks are per segment, as everywhere.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "sgmv_common.cuh"
 #include "tma.cuh"
@@ -34,14 +32,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* ring = reinterpret_cast<T*>(smem_raw);
   ring += ((1024u - (smem_u32(ring) & 1023u)) & 1023u) / sizeof(T);  // the 128-byte swizzle
   int* prefix = reinterpret_cast<int*>(ring + kSlots * kStageElems);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(prefix) +
-                                               (size_t(p.seg.num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024);
-  if constexpr (TMA_Y) {
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < kSlots; ++i) mbar_init(&bars[i], 1);
-      mbar_init_fence();  // the work list's barriers order it before any use
-    }
-  }
+  uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(prefix) + prefix_bytes(p.seg.num_seg));
+  if constexpr (TMA_Y) init_slot_bars(bars, kSlots);  // the work list's barriers order it before use
   uint32_t phases = 0;  // TMA_Y: bit i is the parity slot i's barrier completes next
 
   const SegmentArgs& sa = p.seg;
@@ -180,10 +172,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int slot = 0; cc.t < t_end; slot = slot + 1 == kSlots ? 0 : slot + 1) {
     cp_async_wait<kAhead - 1>();
-    if constexpr (TMA_Y) {
-      mbar_wait(&bars[slot], (phases >> slot) & 1u);
-      phases ^= 1u << slot;
-    }
+    if constexpr (TMA_Y) wait_slot_bar(bars, phases, slot);
     if (tid == 0) tma_store_wait_read<1>();  // the slot copied into next is free
     __syncthreads();  // tile cc landed for every thread; the slot copied into next is free
     if (pc.t < t_end) {
@@ -240,17 +229,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <typename T, int KP, bool PDL, bool TMA_Y>
 cudaError_t launch_strip(const ExpandParams& p, const LaunchOptions& o, const CUtensorMap& ymap) {
   auto kernel = expand_strip_kernel<T, KP, PDL, TMA_Y>;
-  const size_t smem = 1024 + size_t(kSlots) * kStageElems * sizeof(T) +
-                      (size_t(p.seg.num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024 +
+  const size_t smem = 1024 + size_t(kSlots) * kStageElems * sizeof(T) + prefix_bytes(p.seg.num_seg) +
                       (TMA_Y ? kSlots * sizeof(uint64_t) : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  static size_t last_smem = 0;  // occupancy asked once per (instantiation, size)
-  static int per_sm = 1;
-  if (smem != last_smem) {
-    per_sm = blocks_per_sm(kernel, kThreads, smem);
-    last_smem = smem;
-  }
+  const int per_sm = cached_blocks_per_sm<expand_strip_kernel<T, KP, PDL, TMA_Y>>(kThreads, smem);
   const int64_t tiles = (int64_t(ceil_div(p.seg.num_rows, kBM)) + p.seg.num_seg) * ceil_div(p.out_features, kBN);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t(o.num_sms) * per_sm)));
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, PDL, p, ymap);
@@ -265,21 +248,15 @@ cudaError_t by_rank(int r, const ExpandParams& p, const LaunchOptions& o, const 
 
 template <typename T>
 cudaError_t strip_typed(const ExpandParams& p, const LaunchOptions& o) {
-  const auto ybase = reinterpret_cast<uintptr_t>(static_cast<const T*>(p.y) + p.col_offset);
-  CUtensorMap ymap = {};
+  CUtensorMap ymap = {};  // boxes of a tile's halves (64 rows x 64 columns)
   if (p.seg.max_rank > 64 || reinterpret_cast<uintptr_t>(p.v) % 16 != 0 || p.v_stride % 8 != 0 ||
-      ybase % 16 != 0 || (p.y_stride * int64_t(sizeof(T))) % 16 != 0 || p.seg.num_rows < 1 ||
-      !encode_rows<T>(&ymap, reinterpret_cast<const void*>(ybase), p.out_features, p.seg.num_rows,
-                      uint64_t(p.y_stride) * sizeof(T), kHalf, kBM))
+      !encode_expand_y<T>(&ymap, p, kHalf, kBM))
     return cudaErrorNotSupported;
   // PUNICA_EXPAND_PDL=1, PUNICA_EXPAND_TMA_LOAD=1 (read once; written in session 18 after its last
   // GPU run, so off until measured): PDL where the op asks for it; y by TMA loads.
-  static const char* pdl_env = std::getenv("PUNICA_EXPAND_PDL");
-  static const char* tma_env = std::getenv("PUNICA_EXPAND_TMA_LOAD");
-  static const bool want_pdl = pdl_env && std::strcmp(pdl_env, "1") == 0;
-  static const bool tma_y = tma_env && std::strcmp(tma_env, "1") == 0;
+  static const bool want_pdl = env_knob("PUNICA_EXPAND_PDL", 0) == 1;
   const int r = p.seg.max_rank;
-  const int variant = (want_pdl && o.pdl ? 1 : 0) | (tma_y ? 2 : 0);
+  const int variant = (want_pdl && o.pdl ? 1 : 0) | (expand_tma_load() ? 2 : 0);
   return variant == 0 ? by_rank<T, false, false>(r, p, o, ymap)
          : variant == 1 ? by_rank<T, true, false>(r, p, o, ymap)
          : variant == 2 ? by_rank<T, false, true>(r, p, o, ymap)
@@ -293,8 +270,7 @@ cudaError_t strip_typed(const ExpandParams& p, const LaunchOptions& o) {
 // even, at 128 slower (rank 64: 36% vs 41% of matmul: two tiles a strip, b reloaded for each
 // pair). PUNICA_EXPAND_STRIP=1 / 0 (read once): always / never, for A/B runs.
 bool expand_strip_fits(const ExpandParams& p) {
-  static const char* env = std::getenv("PUNICA_EXPAND_STRIP");
-  static const int mode = env ? std::atoi(env) : -1;
+  static const int mode = env_knob("PUNICA_EXPAND_STRIP", -1);
   if (mode >= 0) return mode == 1;
   return int64_t(p.seg.num_rows) >= 256 * int64_t(std::max(p.seg.num_seg, 1));
 }

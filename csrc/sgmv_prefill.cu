@@ -37,8 +37,7 @@ constexpr int stages_for(size_t stage_bytes) { return int(std::min<size_t>(8, kR
 // 26.5 us); 3 slots, 2 CTAs a SM: 24 us; one CTA alone moved ~13 GB/s whatever its depth. The expand compiled for 3 CTAs a SM (80
 // registers) was slower (r16 32 us), as were 64 x 128 expand tiles.
 int ring_slots(int most) {
-  static const char* env = std::getenv("PUNICA_PIPE_STAGES");
-  const int n = env ? std::atoi(env) : 3;
+  static const int n = env_knob("PUNICA_PIPE_STAGES", 3);
   return std::min(std::max(n, 3), most);
 }
 
@@ -80,13 +79,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   // tma_y (LEAN, PUNICA_EXPAND_TMA_LOAD=1): a full tile's y comes by one TMA box onto its slot's
   // mbarrier (after the work list; every issued tile arrives on it once: the box's bytes or, for
   // a partial tile, a plain arrival)
-  uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(prefix) +
-                                               (size_t(p.seg.num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(prefix) + prefix_bytes(p.seg.num_seg));
   tma_y = LEAN && tma_y;
-  if (tma_y && threadIdx.x == 0) {
-    for (int i = 0; i < S; ++i) mbar_init(&bars[i], 1);
-    mbar_init_fence();
-  }
+  if (tma_y) init_slot_bars(bars, S);
   uint32_t phases = 0;  // bit i: the parity slot i's barrier completes next
 
   const SegmentArgs& sa = p.seg;
@@ -218,10 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (int slot = 0; cc.t < t_end; slot = slot + 1 == S ? 0 : slot + 1) {
     cp_async_wait_dyn(D - 1);
-    if (tma_y) {
-      mbar_wait(&bars[slot], (phases >> slot) & 1u);
-      phases ^= 1u << slot;
-    }
+    if (tma_y) wait_slot_bar(bars, phases, slot);
     if (LEAN && tid == 0) tma_store_wait_read<1>();  // the slot copied into next is free
     __syncthreads();  // tile cc landed for every thread; the slot copied into next is free
     if (pc.t < t_end) {
@@ -280,45 +272,18 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // ------------------------------------------------------------------------------------------
 // Launchers.
-// The work list's shared memory, in 1 KB steps (up to 255 segments: 1 KB), so that launches of
-// similar batches share one shared-memory size (and one cached occupancy).
-size_t prefix_bytes(int num_seg) {
-  return (size_t(num_seg + 1) * sizeof(int) + 1023) / 1024 * 1024;
-}
-
-// CTAs of `kernel` a SM at `smem` bytes, asked once per (kernel, size): an occupancy query costs
-// microseconds of host time, which eager steps would pay per launch.
-template <typename Kernel>
-int cached_blocks_per_sm(Kernel kernel, size_t smem) {
-  static size_t last_smem = 0;  // per instantiation
-  static int last = 1;
-  if (smem != last_smem) {
-    last = blocks_per_sm(kernel, kThreads, smem);
-    last_smem = smem;
-  }
-  return last;
-}
 // PUNICA_EXPAND_DIAG=N (diagnostics only, read once; wrong results): 1 copies only the first 16
 // rank rows of b, 2 runs only the first k16 step of the MMAs, 3 copies no y tile, 4 stores no y.
 // Each takes one part of a tile's work away, to see what the rank-64 expand's time is made of.
 int expand_diag() {
-  static const char* env = std::getenv("PUNICA_EXPAND_DIAG");
-  static const int n = env ? std::atoi(env) : 0;
+  static const int n = env_knob("PUNICA_EXPAND_DIAG", 0);
   return n;
 }
 
 // The LEAN kernel for rank classes <= 64; PUNICA_EXPAND_LEAN=0 (diagnostics, read once): the
 // kernel without it.
 bool expand_lean() {
-  static const char* env = std::getenv("PUNICA_EXPAND_LEAN");
-  static const bool on = !(env && std::strcmp(env, "0") == 0);
-  return on;
-}
-
-// PUNICA_EXPAND_TMA_LOAD=1 (diagnostics, read once): the LEAN kernel's full y tiles by TMA loads.
-bool expand_tma_load() {
-  static const char* env = std::getenv("PUNICA_EXPAND_TMA_LOAD");
-  static const bool on = env && std::strcmp(env, "1") == 0;
+  static const bool on = env_knob("PUNICA_EXPAND_LEAN", 1) != 0;
   return on;
 }
 
@@ -329,13 +294,13 @@ cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o, const C
   auto kernel = expand_pipe_kernel<T, KP, LEAN>;
   const size_t stage = size_t(kBM * kBN + KP * kBN) * sizeof(T);
   const int S = LEAN ? std::min(4, stages_for(stage)) : ring_slots(stages_for(stage));
-  const size_t smem = size_t(S) * stage + prefix_bytes(p.seg.num_seg) + (LEAN ? 1024 + S * 8 : 0);
+  const size_t smem = size_t(S) * stage + prefix_bytes(p.seg.num_seg) + (LEAN ? 1024 + S * sizeof(uint64_t) : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   // the CTAs that fit at once, at most one per tile
   const int64_t tiles = (int64_t(ceil_div(p.seg.num_rows, kBM)) + p.seg.num_seg) *
                         ceil_div(p.out_features, kBN);
-  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm(kernel, smem);
+  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm<expand_pipe_kernel<T, KP, LEAN>>(kThreads, smem);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, resident)));
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, ymap, S, expand_diag(),
                 LEAN && expand_tma_load());
@@ -348,27 +313,24 @@ cudaError_t expand_by_class(const ExpandParams& p, const LaunchOptions& o, const
                                                        : launch_expand<T, 64, LEAN>(p, o, m);
 }
 
-// y's map for the LEAN kernel's stores: rows of `out` columns from the column offset, boxes of a
-// tile (128 rows x 64 columns). False where TMA cannot address y (the offset or the stride not
-// a multiple of 16 bytes) or the driver lacks the encoder.
-template <typename T>
-bool encode_y(CUtensorMap* map, const ExpandParams& p) {
-  const auto base = reinterpret_cast<uintptr_t>(static_cast<const T*>(p.y) + p.col_offset);
-  if (base % 16 != 0 || (int64_t(p.y_stride) * sizeof(T)) % 16 != 0 || p.seg.num_rows < 1) return false;
-  return encode_rows<T>(map, reinterpret_cast<const void*>(base), p.out_features, p.seg.num_rows,
-                        uint64_t(p.y_stride) * sizeof(T), kExpandBN, kExpandBM);
-}
-
 template <typename T>
 cudaError_t expand_typed(const ExpandParams& p, const LaunchOptions& o) {
   CUtensorMap ymap = {};
-  if (p.seg.max_rank <= 64 && expand_lean() && encode_y<T>(&ymap, p))
+  // the LEAN kernel's boxes are its tiles (128 rows x 64 columns)
+  if (p.seg.max_rank <= 64 && expand_lean() && encode_expand_y<T>(&ymap, p, kExpandBN, kExpandBM))
     return expand_by_class<T, true>(p, o, ymap);
   if (p.seg.max_rank > 64) return launch_expand<T, 128, false>(p, o, ymap);
   return expand_by_class<T, false>(p, o, ymap);
 }
 
 }  // namespace
+
+// PUNICA_EXPAND_TMA_LOAD=1 (diagnostics, read once): full y tiles by TMA loads (LEAN and strip
+// kernels).
+bool expand_tma_load() {
+  static const bool on = env_knob("PUNICA_EXPAND_TMA_LOAD", 0) == 1;
+  return on;
+}
 
 // PUNICA_PREFILL=mma (diagnostics, read once): the expand on sgmv_expand.cu's tensor-core
 // kernel, as on sm_80, instead of the pipelined one.

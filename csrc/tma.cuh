@@ -103,4 +103,16 @@ bool encode_rows(CUtensorMap* map, const void* base, uint64_t cols, uint64_t row
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// An expand's y as a map for TMA boxes of box_rows x box_cols (box_cols 64: one 128-byte row):
+// rows of `out` columns from the column offset. False where TMA cannot address y (the offset or
+// the stride not a multiple of 16 bytes) or the driver lacks the encoder.
+template <typename T>
+bool encode_expand_y(CUtensorMap* map, const ExpandParams& p, uint32_t box_cols, uint32_t box_rows) {
+  const auto base = reinterpret_cast<uintptr_t>(static_cast<const T*>(p.y) + p.col_offset);
+  if (base % 16 != 0 || (int64_t(p.y_stride) * int64_t(sizeof(T))) % 16 != 0 || p.seg.num_rows < 1)
+    return false;
+  return encode_rows<T>(map, reinterpret_cast<const void*>(base), p.out_features, p.seg.num_rows,
+                        uint64_t(p.y_stride) * sizeof(T), box_cols, box_rows);
+}
+
 }  // namespace punica
