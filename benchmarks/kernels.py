@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -609,8 +610,17 @@ def plot(res, path):
 
 def punica_env():
     """The PUNICA_* settings of this run (kernel knobs change what is measured)."""
-    import os
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("PUNICA_")}
+
+
+def save(res, out: Path):
+    """The JSON, and its plot beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    try:
+        plot(res, out.with_suffix(".png"))
+    except Exception as e:  # the numbers matter more than the picture
+        print("plot failed:", e)
 
 
 def main():
@@ -633,11 +643,7 @@ def main():
         res["prefill_rerun"] = {"device": torch.cuda.get_device_properties(0).name, "env": punica_env(),
                                 "torch": torch.__version__, "wall_s": time.time() - t0,
                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        out.write_text(json.dumps(res, indent=1))
-        try:
-            plot(res, out.with_suffix(".png"))
-        except Exception as e:
-            print("plot failed:", e)
+        save(res, out)
         print(json.dumps(res["acceptance"]["prefill_seg_ge_512"], indent=1))
         return
     props = torch.cuda.get_device_properties(0)
@@ -657,13 +663,7 @@ def main():
     res["prefill"] = run_prefill(args.quick)
     res["acceptance"] = acceptance(res, copy_bw)
     res["wall_s"] = time.time() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    try:
-        plot(res, out.with_suffix(".png"))
-    except Exception as e:  # the numbers matter more than the picture
-        print("plot failed:", e)
+    save(res, Path(args.out))
     print(json.dumps(res["acceptance"], indent=1))
 
 
