@@ -21,7 +21,7 @@ constexpr int kSlots = 4, kAhead = 2;           // a slot is copied into two til
 constexpr int kYElems = kBM * kBN, kVElems = kBM * 64, kStageElems = kYElems + kVElems;
 constexpr int kChunks = kBN / 8;                // 16-byte chunks in a tile row
 
-// TMA_Y (PUNICA_EXPAND_TMA_LOAD=1, as for sgmv_prefill.cu's LEAN kernel): a full tile's y comes
+// TMA_Y (the default; PUNICA_EXPAND_TMA_LOAD=0 off, as for sgmv_prefill.cu's LEAN kernel): a full tile's y comes
 // as two TMA boxes onto its slot's mbarrier (every issued tile arrives on it once: the boxes'
 // bytes or, for a partial tile, a plain arrival).
 template <typename T, int KP, bool PDL, bool TMA_Y>
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* __restrict__ y = static_cast<T*>(p.y);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp & 1, wn = warp >> 1;
-  // PDL (PUNICA_EXPAND_PDL=1): the next launch may start now; this one reads the metadata and its
+  // PDL (the default where the op asks for it; PUNICA_EXPAND_PDL=0 off): the next launch may start now; this one reads the metadata and its
   // strip's b (the contract of the decode kernels: neither is written by a kernel it may overlap)
   // before it waits for the kernel before, and touches v and y only after.
   if constexpr (PDL) pdl_launch_dependents();
@@ -252,9 +252,10 @@ cudaError_t strip_typed(const ExpandParams& p, const LaunchOptions& o) {
   if (p.seg.max_rank > 64 || reinterpret_cast<uintptr_t>(p.v) % 16 != 0 || p.v_stride % 8 != 0 ||
       !encode_expand_y<T>(&ymap, p, kHalf, kBM))
     return cudaErrorNotSupported;
-  // PUNICA_EXPAND_PDL=1, PUNICA_EXPAND_TMA_LOAD=1 (read once; written in session 18 after its last
-  // GPU run, so off until measured): PDL where the op asks for it; y by TMA loads.
-  static const bool want_pdl = env_knob("PUNICA_EXPAND_PDL", 0) == 1;
+  // PDL where the op asks for it (512+ rows a segment: rank 64 9-11% faster, rank 16 4-8%, as
+  // launches overlap their predecessors' tails; results/diag/prefill_ab_s19_h200.txt) and y by
+  // TMA loads: the defaults. PUNICA_EXPAND_PDL=0 / PUNICA_EXPAND_TMA_LOAD=0 (read once) for A/Bs.
+  static const bool want_pdl = env_knob("PUNICA_EXPAND_PDL", 1) == 1;
   const int r = p.seg.max_rank;
   const int variant = (want_pdl && o.pdl ? 1 : 0) | (expand_tma_load() ? 2 : 0);
   return variant == 0 ? by_rank<T, false, false>(r, p, o, ymap)

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (LEAN) ring += ((1024u - (smem_u32(ring) & 1023u)) & 1023u) / sizeof(T);  // the 128-byte swizzle
   int* prefix = reinterpret_cast<int*>(ring + size_t(S) * kStageElems);
   const int D = LEAN ? S - 2 : S - 1;  // tiles copied ahead of the one being computed
-  // tma_y (LEAN, PUNICA_EXPAND_TMA_LOAD=1): a full tile's y comes by one TMA box onto its slot's
+  // tma_y (LEAN, unless PUNICA_EXPAND_TMA_LOAD=0): a full tile's y comes by one TMA box onto its slot's
   // mbarrier (after the work list; every issued tile arrives on it once: the box's bytes or, for
   // a partial tile, a plain arrival)
   uint64_t* bars = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(prefix) + prefix_bytes(p.seg.num_seg));
@@ -325,10 +325,11 @@ cudaError_t expand_typed(const ExpandParams& p, const LaunchOptions& o) {
 
 }  // namespace
 
-// PUNICA_EXPAND_TMA_LOAD=1 (diagnostics, read once): full y tiles by TMA loads (LEAN and strip
-// kernels).
+// Full y tiles by TMA loads (LEAN and strip kernels), the default since session 19's A/B (LEAN 1-3%
+// faster at 128-row segments, strips the same or up to 1% faster: results/diag/prefill_ab_s19_h200.txt).
+// PUNICA_EXPAND_TMA_LOAD=0 (read once): by the threads' cp.async, for A/B runs.
 bool expand_tma_load() {
-  static const bool on = env_knob("PUNICA_EXPAND_TMA_LOAD", 0) == 1;
+  static const bool on = env_knob("PUNICA_EXPAND_TMA_LOAD", 1) == 1;
   return on;
 }
 

@@ -434,22 +434,23 @@ def test_bulk_shrink(kernels, dtype, fin, pool, ranks):
     {"PUNICA_PREFILL": "mma", "PUNICA_SHRINK_BULK": "0"},
     {"PUNICA_SHRINK_BULK": "1"},
     {"PUNICA_EXPAND_LEAN": "0"},
-    {"PUNICA_EXPAND_TMA_LOAD": "1"},
+    {"PUNICA_EXPAND_TMA_LOAD": "0"},
     {"PUNICA_EXPAND_STRIP": "1"},
     {"PUNICA_EXPAND_STRIP": "0"},
-    {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_PDL": "1"},
-    {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_PDL": "1", "PUNICA_EXPAND_TMA_LOAD": "1"}],
-    ids=["mma", "bulk-shrink", "expand-not-lean", "expand-tma-load", "expand-strip",
-         "expand-no-strip", "expand-strip-pdl", "expand-strip-pdl-tma"])
+    {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_PDL": "0"},
+    {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_TMA_LOAD": "0"},
+    {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_PDL": "0", "PUNICA_EXPAND_TMA_LOAD": "0"}],
+    ids=["mma", "bulk-shrink", "expand-not-lean", "expand-no-tma-load", "expand-strip",
+         "expand-no-strip", "expand-strip-no-pdl", "expand-strip-no-tma", "expand-strip-plain"])
 def test_other_prefill_kernels_still_match(knobs):
     """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
     tensor-core kernel that sm_90 replaced with the pipelined one (and, with
     PUNICA_SHRINK_BULK=0, the shrink on sgmv_shrink.cu's whatever the shapes);
     PUNICA_SHRINK_BULK=1 the bulk shrink for every prefill shape it takes, small ones and rank-16
     pools included; PUNICA_EXPAND_LEAN=0 the pipelined expand without its TMA stores,
-    PUNICA_EXPAND_TMA_LOAD=1 with TMA loads of y as well, PUNICA_EXPAND_STRIP=1 / 0 the column-strip
-    expand for every shape / for none (with PUNICA_EXPAND_PDL=1: launched with PDL; with
-    PUNICA_EXPAND_TMA_LOAD=1 too: y by TMA loads). The sanitizer cases, in a child."""
+    PUNICA_EXPAND_TMA_LOAD=0 without TMA loads of y, PUNICA_EXPAND_STRIP=1 / 0 the column-strip
+    expand for every shape / for none (under PDL with y by TMA loads, as by default; without PDL,
+    without the TMA loads, without both). The sanitizer cases, in a child."""
     import os
     import subprocess
     env = dict(os.environ, **knobs)
