@@ -135,7 +135,8 @@ cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o)
 // whether expand_pipe tries it; cudaErrorNotSupported where it does not take the call (rank
 // class over 64, unaligned v or y).
 bool expand_strip_fits(const ExpandParams& p);
-bool expand_tma_load();  // PUNICA_EXPAND_TMA_LOAD=1: both expands' full y tiles by TMA loads
+bool expand_tma_load();  // both expands' full y tiles by TMA loads (PUNICA_EXPAND_TMA_LOAD=0: not)
+bool expand_pdl();       // both expands under PDL where the op asks (PUNICA_EXPAND_PDL=0: not)
 cudaError_t expand_strip(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
 // Prefill shrink as one stream of TMA tensor copies (sm_90; needs o.vec): 32-row items over the

@@ -254,10 +254,9 @@ cudaError_t strip_typed(const ExpandParams& p, const LaunchOptions& o) {
     return cudaErrorNotSupported;
   // PDL where the op asks for it (512+ rows a segment: rank 64 9-11% faster, rank 16 4-8%, as
   // launches overlap their predecessors' tails; results/diag/prefill_ab_s19_h200.txt) and y by
-  // TMA loads: the defaults. PUNICA_EXPAND_PDL=0 / PUNICA_EXPAND_TMA_LOAD=0 (read once) for A/Bs.
-  static const bool want_pdl = env_knob("PUNICA_EXPAND_PDL", 1) == 1;
+  // TMA loads: the defaults (expand_pdl, expand_tma_load in sgmv_prefill.cu).
   const int r = p.seg.max_rank;
-  const int variant = (want_pdl && o.pdl ? 1 : 0) | (expand_tma_load() ? 2 : 0);
+  const int variant = (expand_pdl() && o.pdl ? 1 : 0) | (expand_tma_load() ? 2 : 0);
   return variant == 0 ? by_rank<T, false, false>(r, p, o, ymap)
          : variant == 1 ? by_rank<T, true, false>(r, p, o, ymap)
          : variant == 2 ? by_rank<T, false, true>(r, p, o, ymap)

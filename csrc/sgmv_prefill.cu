@@ -91,6 +91,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* __restrict__ y = static_cast<T*>(p.y);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % WMC, wn = warp / WMC;
+  // PDL (LEAN, launched with it unless PUNICA_EXPAND_PDL=0; otherwise both calls are no-ops): the
+  // next launch may start now; this one builds its work list, then waits for the kernel before
+  // before it touches v, b or y.
+  if (LEAN) pdl_launch_dependents();
 
   const int total = build_worklist(prefix, sa.num_seg, [&](int s) {
     const Segment g = load_segment(sa, s);
@@ -98,6 +102,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   });
   const int t_begin = int(int64_t(total) * blockIdx.x / gridDim.x);
   const int t_end = int(int64_t(total) * (blockIdx.x + 1) / gridDim.x);
+  if (LEAN) pdl_wait();  // (every CTA: none may finish before the kernel it depends on)
   if (t_begin >= t_end) return;
   if (LEAN && tid == 0) tma_prefetch_map(&ymap);
 
@@ -302,8 +307,8 @@ cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o, const C
                         ceil_div(p.out_features, kBN);
   const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm<expand_pipe_kernel<T, KP, LEAN>>(kThreads, smem);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, resident)));
-  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, ymap, S, expand_diag(),
-                LEAN && expand_tma_load());
+  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, LEAN && o.pdl && expand_pdl(), p,
+                ymap, S, expand_diag(), LEAN && expand_tma_load());
 }
 
 template <typename T, bool LEAN>
@@ -330,6 +335,13 @@ cudaError_t expand_typed(const ExpandParams& p, const LaunchOptions& o) {
 // PUNICA_EXPAND_TMA_LOAD=0 (read once): by the threads' cp.async, for A/B runs.
 bool expand_tma_load() {
   static const bool on = env_knob("PUNICA_EXPAND_TMA_LOAD", 1) == 1;
+  return on;
+}
+
+// Both expands (LEAN and strips) under PDL where the op asks for it, the default since session
+// 19's A/B (results/diag/prefill_ab_s19_h200.txt). PUNICA_EXPAND_PDL=0 (read once): without.
+bool expand_pdl() {
+  static const bool on = env_knob("PUNICA_EXPAND_PDL", 1) == 1;
   return on;
 }
 

@@ -81,6 +81,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SegmentArgs& sa = p.seg;
   const int KT = ceil_div(p.in_features, kBox * kBoxes);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // PDL (launched with it unless PUNICA_SHRINK_PDL=0; otherwise both calls are no-ops): the next
+  // launch may start now; this one reads the metadata and issues its first ring of a's boxes
+  // before it waits for the kernel before (weights and metadata: not written by a kernel it may
+  // overlap, the decode kernels' contract), and copies x and writes v only after.
+  pdl_launch_dependents();
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
@@ -98,23 +103,42 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warp == kConsumerWarps) {  // producer: one lane issues the stage's tensor copies
     if (lane != 0) return;
-    int it = 0;                  // stages issued so far, over all items
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    // stage `it` of this CTA: column block it % KT of item blockIdx.x + (it / KT) * gridDim.x
+    const int items = int(blockIdx.x) < total ? ceil_div(total - int(blockIdx.x), int(gridDim.x)) : 0;
+    const int stages = items * KT;
+    int cur = -1, m0 = 0, wrow = 0;
+    auto locate = [&](int it) {
+      if (it / KT == cur) return;
+      cur = it / KT;
+      const int t = blockIdx.x + cur * gridDim.x;
       const int s = find_segment(prefix, sa.num_seg, t);
       const Segment g = load_segment(sa, s);
-      const int m0 = g.start + (t - prefix[s]) * kRows;
-      for (int kt = 0; kt < KT; ++kt, ++it) {
-        const int st = it % S;
-        if (it >= S) mbar_wait(&empty[st], ((it / S) - 1) & 1);
-        T* dst = reinterpret_cast<T*>(ring + st * kStage);
-        mbar_arrive_expect_tx(&full[st], kStage);
+      m0 = g.start + (t - prefix[s]) * kRows;
+      wrow = g.slot * rows_per_slot;
+    };
+    auto issue = [&](int it, bool a, bool x) {
+      locate(it);
+      T* dst = reinterpret_cast<T*>(ring + (it % S) * kStage);
+      const int kt = it % KT;
 #pragma unroll
-        for (int b = 0; b < kBoxes; ++b) {
-          const int k0 = (kt * kBoxes + b) * kBox;
-          tma_load_2d(dst + b * kXBox, &xmap, k0, m0, &full[st]);
-          tma_load_2d(dst + kBoxes * kXBox + b * kWBox, &wmap, k0, g.slot * rows_per_slot, &full[st]);
-        }
+      for (int b = 0; b < kBoxes; ++b) {
+        const int k0 = (kt * kBoxes + b) * kBox;
+        if (x) tma_load_2d(dst + b * kXBox, &xmap, k0, m0, &full[it % S]);
+        if (a) tma_load_2d(dst + kBoxes * kXBox + b * kWBox, &wmap, k0, wrow, &full[it % S]);
       }
+    };
+    const int ahead = min(S, stages);  // the first ring: a before the wait, x after
+    for (int it = 0; it < ahead; ++it) {
+      mbar_arrive_expect_tx(&full[it], kStage);
+      issue(it, true, false);
+    }
+    pdl_wait();
+    for (int it = 0; it < ahead; ++it) issue(it, false, true);
+    for (int it = ahead; it < stages; ++it) {
+      const int st = it % S;
+      mbar_wait(&empty[st], ((it / S) - 1) & 1);
+      mbar_arrive_expect_tx(&full[st], kStage);
+      issue(it, true, true);
     }
     return;
   }
@@ -124,6 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int NI = KP / 8;
   const int box = warp / (kBox / 16), kk = (warp % (kBox / 16)) * 16;
   T* v = static_cast<T*>(p.v);
+  pdl_wait();  // v may still be read by the kernel before
   int it = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const int s = find_segment(prefix, sa.num_seg, t);
@@ -197,7 +222,9 @@ cudaError_t launch_bulk(const ShrinkParams& p, const LaunchOptions& o) {
   if (err != cudaSuccess) return err;
   const int items = ceil_div(p.seg.num_rows, kRows) + p.seg.num_seg;  // at most
   const int grid = std::max(1, std::min(items, o.num_sms));
-  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p, xmap, wmap,
+  // PUNICA_SHRINK_PDL=0 (read once): launched without PDL, for A/B runs
+  static const bool pdl = env_knob("PUNICA_SHRINK_PDL", 1) == 1;
+  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, pdl && o.pdl, p, xmap, wmap,
                 rows_per_slot);
 }
 

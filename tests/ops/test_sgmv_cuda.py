@@ -430,24 +430,63 @@ def test_bulk_shrink(kernels, dtype, fin, pool, ranks):
     assert torch.equal(v.nan_to_num(7.0), again.nan_to_num(7.0))
 
 
+def _prefill_chain(p, v, y, steps, sync):
+    """`steps` shrink + expand pairs back to back on one v and one y, each pair on new rows of x
+    and another layer; sync=True waits for each launch to finish before the next starts."""
+    xs = [p["x"].roll(i, 0) for i in range(steps)]
+    torch.cuda.synchronize()
+    for i in range(steps):
+        torch.ops.punica.sgmv_shrink(v, xs[i], p["a"], p["indptr_t"], p["slots_t"], p["ranks_t"],
+                                     i % 2, AUTO)
+        if sync:
+            torch.cuda.synchronize()
+        torch.ops.punica.sgmv_expand(y, v, p["b"], p["indptr_t"], p["slots_t"], p["ranks_t"],
+                                     i % 2, 0, AUTO)
+        if sync:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return y
+
+
+@pytest.mark.parametrize("lens", [[128] * 33, [512] * 8, [2048, 1024, 1000]],
+                         ids=["lean", "strips", "long"])
+def test_prefill_chain_under_pdl_loses_nothing(kernels, lens):
+    """Prefill launches under PDL start before the one before them ends: the bulk shrink issues a's
+    copies and each expand reads its metadata (the strips: b too) before waiting. A chain of 12
+    shrink + expand pairs on one v and one y (each shrink overwrites the v that the expand before
+    it reads; each expand adds into the y the one before wrote) must give the bits of the same
+    chain run one launch at a time; a missing wait would lose or mix updates."""
+    p = make_problem(torch.bfloat16, 4096, 4096, [64, 16, 64, 33], [i % 4 for i in range(len(lens))],
+                     lens, max_rank=64, seed=len(lens))
+    n = p["x"].shape[0]
+    y0 = torch.randn(n, 4096, device="cuda").to(torch.bfloat16)
+    want = _prefill_chain(p, torch.zeros(n, 64, device="cuda", dtype=torch.bfloat16), y0.clone(), 12, True)
+    got = _prefill_chain(p, torch.zeros(n, 64, device="cuda", dtype=torch.bfloat16), y0.clone(), 12, False)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, y0)
+
+
 @pytest.mark.parametrize("knobs", [
     {"PUNICA_PREFILL": "mma", "PUNICA_SHRINK_BULK": "0"},
     {"PUNICA_SHRINK_BULK": "1"},
+    {"PUNICA_SHRINK_BULK": "1", "PUNICA_SHRINK_PDL": "0"},
     {"PUNICA_EXPAND_LEAN": "0"},
     {"PUNICA_EXPAND_TMA_LOAD": "0"},
     {"PUNICA_EXPAND_STRIP": "1"},
     {"PUNICA_EXPAND_STRIP": "0"},
+    {"PUNICA_EXPAND_PDL": "0"},
     {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_PDL": "0"},
     {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_TMA_LOAD": "0"},
     {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_PDL": "0", "PUNICA_EXPAND_TMA_LOAD": "0"}],
-    ids=["mma", "bulk-shrink", "expand-not-lean", "expand-no-tma-load", "expand-strip",
-         "expand-no-strip", "expand-strip-no-pdl", "expand-strip-no-tma", "expand-strip-plain"])
+    ids=["mma", "bulk-shrink", "bulk-shrink-no-pdl", "expand-not-lean", "expand-no-tma-load",
+         "expand-strip", "expand-no-strip", "expand-no-pdl", "expand-strip-no-pdl", "expand-strip-no-tma", "expand-strip-plain"])
 def test_other_prefill_kernels_still_match(knobs):
     """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
     tensor-core kernel that sm_90 replaced with the pipelined one (and, with
     PUNICA_SHRINK_BULK=0, the shrink on sgmv_shrink.cu's whatever the shapes);
     PUNICA_SHRINK_BULK=1 the bulk shrink for every prefill shape it takes, small ones and rank-16
-    pools included; PUNICA_EXPAND_LEAN=0 the pipelined expand without its TMA stores,
+    pools included (with PUNICA_SHRINK_PDL=0: launched without PDL); PUNICA_EXPAND_PDL=0 both
+    expands without PDL; PUNICA_EXPAND_LEAN=0 the pipelined expand without its TMA stores,
     PUNICA_EXPAND_TMA_LOAD=0 without TMA loads of y, PUNICA_EXPAND_STRIP=1 / 0 the column-strip
     expand for every shape / for none (under PDL with y by TMA loads, as by default; without PDL,
     without the TMA loads, without both). The sanitizer cases, in a child."""
