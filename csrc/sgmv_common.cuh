@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -471,16 +472,17 @@ int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
 
 // blocks_per_sm of one kernel, asked once per shared-memory size: an occupancy query costs
 // microseconds of host time, which eager steps would pay per launch. One cache per kernel (the
-// kernel is the template argument: kernels of one signature share a pointer type).
+// kernel is the template argument: kernels of one signature share a pointer type). The size and
+// its answer live in one atomic word, so threads launching at once never pair a size with
+// another size's answer.
 template <auto Kernel>
 int cached_blocks_per_sm(int threads, size_t smem) {
-  static size_t last_smem = 0;
-  static int last = 1;
-  if (smem != last_smem) {
-    last = blocks_per_sm(Kernel, threads, smem);
-    last_smem = smem;
-  }
-  return last;
+  static std::atomic<uint64_t> memo{0};  // (smem << 32) | blocks; 0: nothing asked yet
+  const uint64_t m = memo.load(std::memory_order_relaxed);
+  if (m != 0 && (m >> 32) == uint64_t(smem)) return int(uint32_t(m));
+  const int n = blocks_per_sm(Kernel, threads, smem);
+  memo.store((uint64_t(smem) << 32) | uint32_t(n), std::memory_order_relaxed);
+  return n;
 }
 
 // An integer knob from the environment (diagnostics and A/B runs), `fallback` when unset; callers
