@@ -136,7 +136,7 @@ cudaError_t expand_pipe(DType dt, const ExpandParams& p, const LaunchOptions& o)
 // class over 64, unaligned v or y).
 bool expand_strip_fits(const ExpandParams& p);
 bool expand_tma_load();  // both expands' full y tiles by TMA loads (PUNICA_EXPAND_TMA_LOAD=0: not)
-bool expand_pdl();       // both expands under PDL where the op asks (PUNICA_EXPAND_PDL=0: not)
+bool expand_pdl(const LaunchOptions& o);  // both expands under PDL where o asks (PUNICA_EXPAND_PDL=0: not)
 cudaError_t expand_strip(DType dt, const ExpandParams& p, const LaunchOptions& o);
 
 // Prefill shrink as one stream of TMA tensor copies (sm_90; needs o.vec): 32-row items over the

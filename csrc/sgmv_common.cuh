@@ -485,6 +485,19 @@ int cached_blocks_per_sm(int threads, size_t smem) {
   return n;
 }
 
+// A bound on the tiles of `bm` rows that a launch's segments cut its rows into (each segment may
+// end in a partial one), times the tiles a row block has (column tiles, K slices): at most one
+// CTA per tile.
+inline int64_t row_tiles_at_most(const SegmentArgs& s, int bm, int per_row_block) {
+  return (int64_t(ceil_div(s.num_rows, bm)) + s.num_seg) * per_row_block;
+}
+
+// A persistent grid: no more CTAs than work items, nor than fit on the GPU at once.
+inline int persistent_grid(int64_t items, int num_sms, int per_sm) {
+  const int64_t fit = int64_t(num_sms) * per_sm;
+  return int(items < 1 ? 1 : items < fit ? items : fit);
+}
+
 // An integer knob from the environment (diagnostics and A/B runs), `fallback` when unset; callers
 // keep the value in a static, so it is read once per process.
 inline int env_knob(const char* name, int fallback) {

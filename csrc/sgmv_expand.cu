@@ -306,8 +306,8 @@ cudaError_t launch_mma(const ExpandParams& p, const LaunchOptions& o) {
   if (err != cudaSuccess) return err;
   static int occ = 0;
   if (occ == 0) occ = blocks_per_sm(kernel, kThreads, smem);
-  const int upper = (ceil_div(p.seg.num_rows, kBM) + p.seg.num_seg) * ceil_div(p.out_features, kBN);
-  const int grid = max(1, min(upper, o.num_sms * occ));
+  const int grid = persistent_grid(row_tiles_at_most(p.seg, kBM, ceil_div(p.out_features, kBN)),
+                                   o.num_sms, occ);
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p);
 }
 

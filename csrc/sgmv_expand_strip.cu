@@ -21,9 +21,9 @@ constexpr int kSlots = 4, kAhead = 2;           // a slot is copied into two til
 constexpr int kYElems = kBM * kBN, kVElems = kBM * 64, kStageElems = kYElems + kVElems;
 constexpr int kChunks = kBN / 8;                // 16-byte chunks in a tile row
 
-// TMA_Y (the default; PUNICA_EXPAND_TMA_LOAD=0 off, as for sgmv_prefill.cu's LEAN kernel): a full tile's y comes
-// as two TMA boxes onto its slot's mbarrier (every issued tile arrives on it once: the boxes'
-// bytes or, for a partial tile, a plain arrival).
+// TMA_Y (the default; PUNICA_EXPAND_TMA_LOAD=0 off, as for sgmv_prefill.cu's LEAN kernel): a
+// full tile's y comes as two TMA boxes onto its slot's mbarrier (every issued tile arrives on it
+// once: the boxes' bytes or, for a partial tile, a plain arrival).
 template <typename T, int KP, bool PDL, bool TMA_Y>
 __global__ void __launch_bounds__(kThreads, 2)
     expand_strip_kernel(ExpandParams p, const __grid_constant__ CUtensorMap ymap) {
@@ -43,9 +43,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* __restrict__ y = static_cast<T*>(p.y);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp & 1, wn = warp >> 1;
-  // PDL (the default where the op asks for it; PUNICA_EXPAND_PDL=0 off): the next launch may start now; this one reads the metadata and its
-  // strip's b (the contract of the decode kernels: neither is written by a kernel it may overlap)
-  // before it waits for the kernel before, and touches v and y only after.
+  // PDL (the default where the op asks for it; PUNICA_EXPAND_PDL=0 off): the next launch may
+  // start now; this one reads the metadata and its strip's b (the contract of the decode kernels:
+  // neither is written by a kernel it may overlap) before it waits for the kernel launched before
+  // it, and touches v and y only after.
   if constexpr (PDL) pdl_launch_dependents();
 
   const int total = build_worklist(prefix, sa.num_seg, [&](int s) {
@@ -233,9 +234,9 @@ cudaError_t launch_strip(const ExpandParams& p, const LaunchOptions& o, const CU
                       (TMA_Y ? kSlots * sizeof(uint64_t) : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const int per_sm = cached_blocks_per_sm<expand_strip_kernel<T, KP, PDL, TMA_Y>>(kThreads, smem);
-  const int64_t tiles = (int64_t(ceil_div(p.seg.num_rows, kBM)) + p.seg.num_seg) * ceil_div(p.out_features, kBN);
-  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t(o.num_sms) * per_sm)));
+  const int grid = persistent_grid(row_tiles_at_most(p.seg, kBM, ceil_div(p.out_features, kBN)),
+                                   o.num_sms,
+                                   cached_blocks_per_sm<expand_strip_kernel<T, KP, PDL, TMA_Y>>(kThreads, smem));
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, PDL, p, ymap);
 }
 
@@ -256,7 +257,7 @@ cudaError_t strip_typed(const ExpandParams& p, const LaunchOptions& o) {
   // launches overlap their predecessors' tails; results/diag/prefill_ab_s19_h200.txt) and y by
   // TMA loads: the defaults (expand_pdl, expand_tma_load in sgmv_prefill.cu).
   const int r = p.seg.max_rank;
-  const int variant = (expand_pdl() && o.pdl ? 1 : 0) | (expand_tma_load() ? 2 : 0);
+  const int variant = (expand_pdl(o) ? 1 : 0) | (expand_tma_load() ? 2 : 0);
   return variant == 0 ? by_rank<T, false, false>(r, p, o, ymap)
          : variant == 1 ? by_rank<T, true, false>(r, p, o, ymap)
          : variant == 2 ? by_rank<T, false, true>(r, p, o, ymap)

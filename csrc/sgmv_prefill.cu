@@ -92,8 +92,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % WMC, wn = warp / WMC;
   // PDL (LEAN, launched with it unless PUNICA_EXPAND_PDL=0; otherwise both calls are no-ops): the
-  // next launch may start now; this one builds its work list, then waits for the kernel before
-  // before it touches v, b or y.
+  // next launch may start now; this one builds its work list, then waits for the kernel launched
+  // before it, and only then touches v, b or y.
   if (LEAN) pdl_launch_dependents();
 
   const int total = build_worklist(prefix, sa.num_seg, [&](int s) {
@@ -302,13 +302,11 @@ cudaError_t launch_expand(const ExpandParams& p, const LaunchOptions& o, const C
   const size_t smem = size_t(S) * stage + prefix_bytes(p.seg.num_seg) + (LEAN ? 1024 + S * sizeof(uint64_t) : 0);
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  // the CTAs that fit at once, at most one per tile
-  const int64_t tiles = (int64_t(ceil_div(p.seg.num_rows, kBM)) + p.seg.num_seg) *
-                        ceil_div(p.out_features, kBN);
-  const int64_t resident = int64_t(o.num_sms) * cached_blocks_per_sm<expand_pipe_kernel<T, KP, LEAN>>(kThreads, smem);
-  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, resident)));
-  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, LEAN && o.pdl && expand_pdl(), p,
-                ymap, S, expand_diag(), LEAN && expand_tma_load());
+  const int grid = persistent_grid(row_tiles_at_most(p.seg, kBM, ceil_div(p.out_features, kBN)),
+                                   o.num_sms,
+                                   cached_blocks_per_sm<expand_pipe_kernel<T, KP, LEAN>>(kThreads, smem));
+  return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, LEAN && expand_pdl(o), p, ymap,
+                S, expand_diag(), LEAN && expand_tma_load());
 }
 
 template <typename T, bool LEAN>
@@ -340,9 +338,9 @@ bool expand_tma_load() {
 
 // Both expands (LEAN and strips) under PDL where the op asks for it, the default since session
 // 19's A/B (results/diag/prefill_ab_s19_h200.txt). PUNICA_EXPAND_PDL=0 (read once): without.
-bool expand_pdl() {
+bool expand_pdl(const LaunchOptions& o) {
   static const bool on = env_knob("PUNICA_EXPAND_PDL", 1) == 1;
-  return on;
+  return on && o.pdl;
 }
 
 // PUNICA_PREFILL=mma (diagnostics, read once): the expand on sgmv_expand.cu's tensor-core

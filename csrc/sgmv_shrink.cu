@@ -300,8 +300,7 @@ cudaError_t launch_mma(const ShrinkParams& p, const LaunchOptions& o) {
   if (err != cudaSuccess) return err;
   static int occ = 0;
   if (occ == 0) occ = blocks_per_sm(kernel, kThreads, smem);
-  const int upper = (ceil_div(p.seg.num_rows, kBM) + p.seg.num_seg) * p.ksplit;
-  const int grid = max(1, min(upper, o.num_sms * occ));
+  const int grid = persistent_grid(row_tiles_at_most(p.seg, kBM, p.ksplit), o.num_sms, occ);
   err = launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, false, p);
   if (err != cudaSuccess || p.ksplit == 1) return err;
   // CTAs for an average segment at the pool's max rank (the loop covers longer ones)

@@ -220,8 +220,7 @@ cudaError_t launch_bulk(const ShrinkParams& p, const LaunchOptions& o) {
                       size_t(ring_stages<KP>()) * stage_bytes<KP>() + red_bytes<KP>();
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const int items = ceil_div(p.seg.num_rows, kRows) + p.seg.num_seg;  // at most
-  const int grid = std::max(1, std::min(items, o.num_sms));
+  const int grid = persistent_grid(row_tiles_at_most(p.seg, kRows, 1), o.num_sms, 1);  // one CTA a SM
   // PUNICA_SHRINK_PDL=0 (read once): launched without PDL, for A/B runs
   static const bool pdl = env_knob("PUNICA_SHRINK_PDL", 1) == 1;
   return launch(kernel, dim3(grid), dim3(kThreads), smem, o.stream, pdl && o.pdl, p, xmap, wmap,
