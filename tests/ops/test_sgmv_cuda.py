@@ -456,12 +456,13 @@ def test_prefill_chain_under_pdl_loses_nothing(kernels, lens):
     shrink + expand pairs on one v and one y (each shrink overwrites the v that the expand before
     it reads; each expand adds into the y the one before wrote) must give the bits of the same
     chain run one launch at a time; a missing wait would lose or mix updates."""
-    p = make_problem(torch.bfloat16, 4096, 4096, [64, 16, 64, 33], [i % 4 for i in range(len(lens))],
-                     lens, max_rank=64, seed=len(lens))
+    p = make_problem(torch.bfloat16, 4096, 4096, [64, 16, 64, 33],
+                     [i % 4 for i in range(len(lens))], lens, max_rank=64, seed=len(lens))
     n = p["x"].shape[0]
     y0 = torch.randn(n, 4096, device="cuda").to(torch.bfloat16)
-    want = _prefill_chain(p, torch.zeros(n, 64, device="cuda", dtype=torch.bfloat16), y0.clone(), 12, True)
-    got = _prefill_chain(p, torch.zeros(n, 64, device="cuda", dtype=torch.bfloat16), y0.clone(), 12, False)
+    v0 = torch.zeros(n, 64, device="cuda", dtype=torch.bfloat16)
+    want = _prefill_chain(p, v0.clone(), y0.clone(), 12, True)
+    got = _prefill_chain(p, v0.clone(), y0.clone(), 12, False)
     assert torch.equal(got, want)
     assert not torch.equal(want, y0)
 
@@ -479,7 +480,8 @@ def test_prefill_chain_under_pdl_loses_nothing(kernels, lens):
     {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_TMA_LOAD": "0"},
     {"PUNICA_EXPAND_STRIP": "1", "PUNICA_EXPAND_PDL": "0", "PUNICA_EXPAND_TMA_LOAD": "0"}],
     ids=["mma", "bulk-shrink", "bulk-shrink-no-pdl", "expand-not-lean", "expand-no-tma-load",
-         "expand-strip", "expand-no-strip", "expand-no-pdl", "expand-strip-no-pdl", "expand-strip-no-tma", "expand-strip-plain"])
+         "expand-strip", "expand-no-strip", "expand-no-pdl", "expand-strip-no-pdl",
+         "expand-strip-no-tma", "expand-strip-plain"])
 def test_other_prefill_kernels_still_match(knobs):
     """Knobs read once per process: PUNICA_PREFILL=mma runs the expand on the sgmv_expand.cu
     tensor-core kernel that sm_90 replaced with the pipelined one (and, with
